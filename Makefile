@@ -1,0 +1,60 @@
+# Two commands: `make demo` (set up, then run the whole pipeline on Fashion-MNIST) and
+# `make test` (set up, then run the test suite). Both start with `make install`.
+SHELL := /bin/bash
+PYTHON3 ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+FMNIST_FILES := train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz \
+                t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz
+
+# dvc.yaml calls `python`/`torchrun` from the active environment: make it the venv
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export VIRTUAL_ENV := $(CURDIR)/$(VENV)
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: install demo test fashion-mnist bench clean
+
+install: $(STAMP)
+
+# idempotent: re-runs only when the requirements change
+$(STAMP): requirements.txt pyproject.toml
+	@$(PYTHON3) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || \
+	  { echo "Python 3.11 is required (found $$($(PYTHON3) --version)); set PYTHON3=python3.11"; exit 1; }
+	$(PYTHON3) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+# the embedded default dataset: Debian's dataset-fashion-mnist
+fashion-mnist:
+	@missing=0; for f in $(FMNIST_FILES); do [ -f "$(FMNIST_DIR)/$$f" ] || missing=1; done; \
+	if [ $$missing = 0 ]; then exit 0; fi; \
+	if [ "$(FMNIST_DIR)" = /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else SUDO=none; fi; \
+	  if [ "$$SUDO" != none ]; then \
+	    echo "Installing Debian's dataset-fashion-mnist (Fashion-MNIST IDX files)"; \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist && exit 0; \
+	  fi; \
+	fi; \
+	echo "Fashion-MNIST files are missing from $(FMNIST_DIR): $(FMNIST_FILES)"; \
+	echo "Install them with: sudo apt-get install dataset-fashion-mnist"; \
+	echo "or download them from https://github.com/zalandoresearch/fashion-mnist, put them in a"; \
+	echo "directory and set data.source_dir in params.yaml (and FMNIST_DIR=... for make)."; \
+	exit 1
+
+demo: install fashion-mnist
+	time dvc repro
+	@echo; cat reports/summary.md
+
+test: install fashion-mnist
+	python -m pytest -q
+
+bench: install
+	python bench/bench_step.py
+	python bench/bench_knn.py
+	python bench/bench_shards.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

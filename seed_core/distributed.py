@@ -1,0 +1,205 @@
+"""Process-group glue: the only core module (with tracking) that imports torch.distributed.
+
+Everything runs without a process group too (plain `python stages/x.py`, unit tests): every
+collective here is guarded, and the core receives them as plain callables.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def pick_device(local_rank: int = 0) -> torch.device:
+    """CUDA when present (one GPU per local rank), else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def setup(timeout_s: float = 1800.0) -> Runtime:
+    """Join the process group torchrun describes (if any) and pick this rank's device.
+
+    NCCL on CUDA, gloo on CPU. torchrun sets OMP_NUM_THREADS=1; on CPU we give each local rank
+    its share of the cores instead, or a CPU run would use one core of many.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        threads = int(os.environ.get("SEED_NUM_THREADS", "0")) or max(
+            1, (os.cpu_count() or 1) // max(1, local_world))
+        torch.set_num_threads(threads)
+    if world > 1 and not is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        log.info("rank %d/%d joined the %s process group on %s", dist.get_rank(), world,
+                 backend, device)
+    return Runtime(rank=rank(), world_size=world_size(), local_rank=local_rank, device=device)
+
+
+def cleanup() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+@torch.no_grad()
+def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped tensors from all ranks along dim 0, in rank order (no grad)."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, differentiable (the backward sums the gradients too)."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    import torch.distributed.nn.functional as dist_fn
+
+    return dist_fn.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def all_gather_objects(obj: object) -> list:
+    if not is_initialized():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def any_true(flag: bool, device: torch.device) -> bool:
+    """True if `flag` is true on any rank (all ranks must call)."""
+    if not is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics cover the global batch of all ranks.
+
+    torch's SyncBatchNorm only runs on CUDA-like devices; this is the same computation for any
+    device (gloo on CPU), so an N-rank step equals a 1-rank step on the concatenated batch.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not is_initialized() or dist.get_world_size() == 1:
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)
+        xf = x.float()
+        stats = torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])
+        stats = all_reduce_sum(stats)
+        c = x.shape[1]
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp_min(0.0)
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 0.1
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
+                self.num_batches_tracked.add_(1)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """BN over the global batch: torch's SyncBatchNorm on CUDA, GlobalBatchNorm elsewhere."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return _swap_batchnorm(module)
+
+
+def _swap_batchnorm(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
+            module, GlobalBatchNorm):
+        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats)
+        if module.affine:
+            with torch.no_grad():
+                new.weight.copy_(module.weight)
+                new.bias.copy_(module.bias)
+        if module.track_running_stats:
+            new.running_mean.copy_(module.running_mean)
+            new.running_var.copy_(module.running_var)
+            new.num_batches_tracked.copy_(module.num_batches_tracked)
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        module.add_module(name, _swap_batchnorm(child))
+    return module
+
+
+def wrap_ddp(module: nn.Module, runtime: Runtime, sync_bn: bool = True) -> nn.Module:
+    """DDP around a trainable module when several ranks run; the module itself otherwise.
+
+    With `sync_bn`, BatchNorm statistics cover the global batch (call `convert_sync_batchnorm`
+    before building any copy of the module, e.g. MoCo's key encoder); buffers then agree on every
+    rank by construction and need no broadcast.
+    """
+    if runtime.world_size == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=not sync_bn)

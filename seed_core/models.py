@@ -1,0 +1,186 @@
+"""Backbones, projection heads and the encoder that joins them (no I/O).
+
+Every backbone comes from timm by name, with the classifier removed, so it maps `(B, 3, H, W)`
+to pooled features `(B, F)`. The wide ResNet-50s of SWAV / SimCLR / VISSL (`resnet50w2`, `w4`,
+`w5`) widen *every* stage including the stem (stem 64w, stage widths 64w..512w, features 2048w)
+and keep torchvision key names; they are not torchvision's `wide_resnet50_2`, which widens only
+the bottleneck's inner convolutions.
+
+A projection head is described by a *layout*, a JSON-able list of layers, so a checkpoint's head
+can be rebuilt from its metadata alone:
+
+    [["linear", 512, 512, true], ["relu"], ["linear", 512, 128, true]]
+
+Entries: `["linear", in, out, bias]`, `["bn", dim, affine]` (BatchNorm1d with running
+statistics), `["relu"]`, `["gelu"]`. `build_head` turns it into an `nn.Sequential` whose
+state-dict keys are `{index}.weight`, `{index}.running_mean`, ...
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.resnet import Bottleneck, ResNet
+from torch import nn
+
+# widening factor of the SWAV / SimCLR / VISSL wide ResNet-50s
+WIDE_RESNETS = {"resnet50w2": 2, "resnet50w4": 4, "resnet50w5": 5}
+
+EXAMPLE_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnet10t",
+                 "resnet50w2", "resnet50w4", "resnet50w5", "efficientnet_b0", "efficientnet_b1",
+                 "mobilenetv3_large_100")
+
+Layout = list[list[Any]]
+
+
+def known_arch(arch: str) -> bool:
+    return arch in WIDE_RESNETS or timm.is_model(arch)
+
+
+def create_backbone(arch: str, small_images: bool = False) -> nn.Module:
+    """A randomly initialised backbone without classifier.
+
+    Args:
+        arch: a timm model name (`resnet18`, `efficientnet_b0`, ...) or `resnet50w2/w4/w5`.
+        small_images: for 32-pixel data, a stride-1 stem: ResNets get a 3x3 stride-1 `conv1`
+            and no max-pool (a deep 3x3 stem keeps its convs, its first one at stride 1);
+            EfficientNet / MobileNet get a stride-1 `conv_stem`.
+
+    Returns:
+        a module mapping `(B, 3, H, W)` to `(B, F)` with `F == .num_features`; it also carries
+        `.arch_name` and `.small_images` so a twin can be rebuilt.
+    """
+    if arch in WIDE_RESNETS:
+        model = _wide_resnet50(WIDE_RESNETS[arch])
+    elif timm.is_model(arch):
+        model = timm.create_model(arch, pretrained=False, num_classes=0)
+    else:
+        raise ValueError(f"unknown architecture {arch!r}; use a timm model name or a SWAV wide "
+                         f"ResNet, e.g. {', '.join(EXAMPLE_ARCHS)}")
+    if small_images:
+        _small_image_stem(model, arch)
+    # timm's MobileNetV3 reports the last stage's width (960) in num_features although its
+    # pooled output passes a head conv (1280); callers size heads and kNN banks from it
+    hidden = getattr(model, "head_hidden_size", None)
+    if hidden and hidden != model.num_features:
+        model.num_features = hidden
+    model.arch_name = arch
+    model.small_images = bool(small_images)
+    return model
+
+
+def classifier_prefixes(backbone: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of the supervised classifier of this backbone's family (`fc.`)."""
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    names = cfg.get("classifier") or "fc"
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return tuple(f"{name}." for name in names)
+
+
+def _wide_resnet50(widen: int) -> nn.Module:
+    """ResNet-50 with every width (stem included) multiplied by `widen`, torchvision key names."""
+    stem = 64 * widen
+    model = ResNet(Bottleneck, [3, 4, 6, 3], num_classes=0,
+                   channels=tuple(c * widen for c in (64, 128, 256, 512)))
+    # timm's plain 7x7 stem is always 64 wide (its `stem_width` only sizes deep stems), so the
+    # stem and the two convolutions that read it are rebuilt at the wide width
+    model.conv1 = nn.Conv2d(3, stem, kernel_size=7, stride=2, padding=3, bias=False)
+    model.bn1 = nn.BatchNorm2d(stem)
+    first = model.layer1[0]
+    first.conv1 = nn.Conv2d(stem, first.conv1.out_channels, kernel_size=1, bias=False)
+    first.downsample[0] = nn.Conv2d(stem, first.downsample[0].out_channels, kernel_size=1,
+                                    bias=False)
+    for module in (model.conv1, first.conv1, first.downsample[0]):
+        nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    model.feature_info[0]["num_chs"] = stem
+    model.pretrained_cfg = {"architecture": f"resnet50w{widen}", "classifier": "fc"}
+    return model
+
+
+def _small_image_stem(model: nn.Module, arch: str) -> None:
+    conv1 = getattr(model, "conv1", None)
+    if isinstance(conv1, nn.Conv2d):
+        model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, kernel_size=3, stride=1,
+                                padding=1, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        model.maxpool = nn.Identity()
+    elif isinstance(conv1, nn.Sequential) and isinstance(conv1[0], nn.Conv2d):
+        conv1[0].stride = (1, 1)  # deep 3x3 stem (resnet10t, -d variants): keep its weights
+        model.maxpool = nn.Identity()
+    elif isinstance(getattr(model, "conv_stem", None), nn.Conv2d):
+        model.conv_stem.stride = (1, 1)
+    else:
+        raise ValueError(f"small_images: no known stem (conv1 / conv_stem) in {arch!r}")
+
+
+# ----------------------------------------------------------------------------- heads
+
+
+def mlp_layout(in_dim: int, hidden_dim: int, out_dim: int) -> Layout:
+    """MoCo-v2 / SEED projection MLP: Linear(in, hidden) - ReLU - Linear(hidden, out)."""
+    return [["linear", in_dim, hidden_dim, True], ["relu"], ["linear", hidden_dim, out_dim, True]]
+
+
+def build_head(layout: Sequence[Sequence[Any]]) -> nn.Sequential:
+    """The `nn.Sequential` a layout describes (kept in its `.layout`); errors name the entry."""
+    layers: list[nn.Module] = []
+    for i, entry in enumerate(layout):
+        kind = entry[0] if entry else None
+        args = list(entry[1:])
+        if kind == "linear" and len(args) == 3:
+            layers.append(nn.Linear(int(args[0]), int(args[1]), bias=bool(args[2])))
+        elif kind == "bn" and len(args) == 2:
+            layers.append(nn.BatchNorm1d(int(args[0]), affine=bool(args[1])))
+        elif kind == "relu" and not args:
+            layers.append(nn.ReLU(inplace=True))
+        elif kind == "gelu" and not args:
+            layers.append(nn.GELU())
+        else:
+            raise ValueError(f"head layout entry {i} {list(entry)!r} is not one of "
+                             "['linear', in, out, bias], ['bn', dim, affine], ['relu'], ['gelu']")
+    head = nn.Sequential(*layers)
+    head.layout = [list(entry) for entry in layout]  # so the head can be saved with its layout
+    return head
+
+
+def layout_out_dim(layout: Sequence[Sequence[Any]], in_dim: int) -> int:
+    """Output width of a head layout fed `in_dim` features."""
+    dim = in_dim
+    for entry in layout:
+        if entry[0] == "linear":
+            if int(entry[1]) != dim:
+                raise ValueError(f"head layout {list(entry)!r} expects {entry[1]} inputs, "
+                                 f"gets {dim}")
+            dim = int(entry[2])
+        elif entry[0] == "bn" and int(entry[1]) != dim:
+            raise ValueError(f"head layout {list(entry)!r} expects {entry[1]} inputs, gets {dim}")
+    return dim
+
+
+class Encoder(nn.Module):
+    """Backbone plus optional projection head.
+
+    `forward(x)` gives the L2-normalised embedding `(B, D)` (the head's output, or the backbone
+    features when there is no head); `features(x)` gives the backbone features `(B, F)`.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.backbone.num_features)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.backbone(x)
+        if self.head is not None:
+            z = self.head(z)
+        return F.normalize(z, dim=1)

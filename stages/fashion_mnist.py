@@ -1,0 +1,80 @@
+"""DVC stage `fashion_mnist`: Fashion-MNIST IDX files -> SEED TSVs.
+
+Writes `train.tsv`/`.lineidx` (the 60k training set, or a class-balanced `data.limit_train`
+subset), `val.tsv`/`.lineidx` (the official 10k test set, or `data.limit_val` of it) and
+`labelmap.txt` into --out, atomically, plus per-split/per-class counts in --metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from seed_core import fashion_mnist as fm
+from seed_core.config import DataConfig, flatten, load_params
+from seed_core.io import atomic_dir, write_json, write_text
+from seed_core.tsv import write_tsv
+from seed_core.tracking import start_tracking
+
+log = logging.getLogger("stages.fashion_mnist")
+
+# output split -> original split ("val" is the official test set: SEED evaluates on ImageNet val)
+SPLITS = {"train": "train", "val": "test"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", default="data/fashion_mnist")
+    parser.add_argument("--metrics", default="metrics/fashion_mnist.json")
+    return parser.parse_args(argv)
+
+
+def export(data: DataConfig, out_dir: Path) -> dict:
+    """Write both splits and the labelmap into `out_dir`; returns the counts."""
+    limits = {"train": data.limit_train, "val": data.limit_val}
+    metrics: dict = {"num_classes": len(fm.CLASS_NAMES)}
+    with atomic_dir(out_dir) as tmp_dir:
+        for split, source in SPLITS.items():
+            images, labels = fm.load_split(data.source_dir, source)
+            try:
+                indices = fm.balanced_subset(labels, limits[split], data.seed)
+            except ValueError as err:
+                raise ValueError(f"params 'data.limit_{split}': {err}") from None
+            records = fm.iter_records(images, labels, indices, source)
+            written = write_tsv(tmp_dir / f"{split}.tsv",
+                                tqdm(records, total=len(indices), desc=split, unit="img",
+                                     disable=not sys.stderr.isatty()))
+            metrics[split] = {"samples": written, "per_class": fm.class_counts(labels[indices])}
+            log.info("%s: %d of %d images from %s", split, written, len(labels), data.source_dir)
+        write_text(tmp_dir / "labelmap.txt", "\n".join(fm.CLASS_NAMES) + "\n")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    params = load_params(args.params)
+    tracker = start_tracking("fashion_mnist", flatten(params), params.mlflow.experiment)
+    try:
+        metrics = export(params.data, Path(args.out))
+        write_json(args.metrics, metrics)
+        tracker.log_metrics({f"{split}_samples": metrics[split]["samples"] for split in SPLITS})
+    except (FileNotFoundError, fm.FashionMnistError, ValueError) as err:
+        tracker.close(failed=True)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except BaseException:
+        tracker.close(failed=True)
+        raise
+    tracker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Stage `linear`: linear-probe accuracy of one frozen model (MoCo protocol), any timm arch.
+
+`linear.mode: cached` trains the classifier on the cached backbone features; `augmented` runs
+MoCo's protocol through the frozen backbone in eval mode (RandomResizedCrop + flip, fresh every
+epoch). Either way the lr is picked from `linear.lrs` by training on the fit part of a
+class-balanced holdout split of train and scoring its holdout part (cached eval-transform
+features); the classifier is then retrained on the full train at that lr and the test (val
+split, cached eval-transform features) is scored once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from seed_core.config import Params
+from seed_core.data import ShardSet, TrainStream, open_shards
+from seed_core.engine import autocast
+from seed_core.evaluation import (fit_linear, holdout_split, nan_to_none, per_class_accuracy,
+                                  predict_linear, select_lr, topk_accuracy, train_linear)
+from seed_core.report import feature_num_classes, flatten_metrics, load_feature_split
+from seed_core.stagekit import stage
+from seed_core.tracking import Tracker
+from seed_core.transforms import linear_train_transform
+
+log = logging.getLogger("linear")
+
+Batches = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", required=True, help="model name (teacher, baseline, student)")
+    parser.add_argument("--features", required=True,
+                        help="directory written by stages/features.py for this model")
+    parser.add_argument("--metrics", required=True, help="metrics JSON")
+    parser.add_argument("--model", default=None, help="canonical model (augmented mode)")
+    parser.add_argument("--train-shards", default=None, help="train shards (augmented mode)")
+    parser.add_argument("--val-shards", default=None,
+                        help="val shards (checked against the cached val features)")
+    parser.add_argument("--params", default="params.yaml")
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------ augmented mode
+
+
+def sample_keys(shards: ShardSet) -> list[tuple[str, str]]:
+    """(shard path, `__key__`) of every sample, in global-index order (the order the
+    evaluation loader numbers them in)."""
+    from webdataset.tariterators import tarfile_samples
+
+    keys: list[tuple[str, str]] = []
+    for path, count in zip(shards.paths, shards.counts):
+        found = [(path, s["__key__"]) for s in tarfile_samples(iter([{"url": path}]))]
+        if len(found) != count:
+            raise RuntimeError(f"{path}: {len(found)} samples, the manifest says {count}")
+        keys.extend(found)
+    return keys
+
+
+class ExcludingTrainStream(TrainStream):
+    """`TrainStream` that never yields the samples whose (shard, key) is in `excluded`, so the
+    probe trained for lr selection never sees the holdout images."""
+
+    def __init__(self, *args: Any, excluded: frozenset[tuple[str, str]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.excluded = excluded
+
+    def _raw_stream(self, logical: int, errors: list[str]) -> Iterator[dict[str, Any]]:
+        for sample in super()._raw_stream(logical, errors):
+            if (sample["__url__"], sample["__key__"]) not in self.excluded:
+                yield sample
+
+
+def augmented_batches(encoder: nn.Module, shards: ShardSet, params: Params,
+                      device: torch.device, samples: int,
+                      excluded: frozenset[tuple[str, str]]) -> Batches:
+    """`batches(epoch)`: frozen-backbone features of fresh RandomResizedCrop + flip views."""
+    cfg, data = params.linear, params.data
+    steps = samples // cfg.batch_size
+    if steps < 1:
+        raise ValueError(f"{samples} training samples cannot fill one batch of "
+                         f"linear.batch_size={cfg.batch_size}")
+    transform = linear_train_transform(data.image_size)
+
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        stream = ExcludingTrainStream(shards, transform, cfg.batch_size, seed=cfg.seed,
+                                      epoch=epoch, rank=0, steps=steps, workers=data.workers,
+                                      excluded=excluded)
+        loader = DataLoader(stream, batch_size=None, num_workers=data.workers,
+                            prefetch_factor=2 if data.workers else None)
+        for batch in loader:
+            with torch.no_grad(), autocast(device, "auto"):
+                feats = encoder.features(batch["image"].to(device, non_blocking=True))
+            yield feats.float(), batch["label"]
+
+    return batches
+
+
+def augmented_trainer(args: argparse.Namespace, params: Params, device: torch.device,
+                      train: dict[str, torch.Tensor], fit: torch.Tensor, num_classes: int,
+                      tracker: Tracker) -> Callable[[float, bool], nn.Module]:
+    from seed_core.checkpoints import load_canonical
+
+    if not (args.model and args.train_shards):
+        raise ValueError("linear.mode 'augmented' needs --model and --train-shards")
+    encoder, _ = load_canonical(args.model, device=device)
+    encoder.eval().requires_grad_(False)
+    shards = open_shards(args.train_shards)
+    with torch.no_grad():
+        width = encoder.features(torch.zeros(1, 3, params.data.image_size,
+                                             params.data.image_size, device=device)).shape[1]
+    if width != train["features"].shape[1]:
+        raise ValueError(f"{args.model} gives {width} features per image but the cached "
+                         f"features in {args.features} have {train['features'].shape[1]}")
+    keys = sample_keys(shards)
+    fit_mask = torch.zeros(len(keys), dtype=torch.bool)
+    fit_mask[train["index"][fit]] = True
+    excluded = frozenset(k for k, keep in zip(keys, fit_mask.tolist()) if not keep)
+    cfg = params.linear
+
+    def train_fn(lr: float, full: bool) -> nn.Module:
+        source = augmented_batches(encoder, shards, params, device,
+                                   len(keys) if full else int(fit_mask.sum()),
+                                   frozenset() if full else excluded)
+        return fit_linear(source, width, num_classes, cfg.epochs, lr, cfg.momentum,
+                          cfg.weight_decay, cfg.seed, device, on_epoch=epoch_logger(
+                              tracker, f"{'final' if full else f'lr_{lr:g}'}.train_loss"))
+
+    return train_fn
+
+
+# ------------------------------------------------------------------ both modes
+
+
+def epoch_logger(tracker: Tracker, key: str) -> Callable[[int, float], None]:
+    def on_epoch(epoch: int, loss: float) -> None:
+        tracker.log_metrics({key: loss}, step=epoch)
+        log.info("%s epoch %d: %.4f", key, epoch, loss)
+    return on_epoch
+
+
+def cached_trainer(params: Params, device: torch.device, train: dict[str, torch.Tensor],
+                   fit: torch.Tensor, num_classes: int,
+                   tracker: Tracker) -> Callable[[float, bool], nn.Module]:
+    cfg = params.linear
+
+    def train_fn(lr: float, full: bool) -> nn.Module:
+        rows = slice(None) if full else fit
+        return train_linear(train["features"][rows], train["labels"][rows], num_classes,
+                            cfg.epochs, lr, cfg.batch_size, cfg.momentum, cfg.weight_decay,
+                            cfg.seed, device, on_epoch=epoch_logger(
+                                tracker, f"{'final' if full else f'lr_{lr:g}'}.train_loss"))
+
+    return train_fn
+
+
+def evaluate(args: argparse.Namespace, params: Params, device: torch.device,
+             tracker: Tracker) -> dict[str, Any]:
+    cfg = params.linear
+    train = load_feature_split(args.features, "train")
+    val = load_feature_split(args.features, "val")
+    if args.val_shards and open_shards(args.val_shards).samples < val["labels"].numel():
+        raise ValueError(f"{args.features}: more cached val features than samples in "
+                         f"{args.val_shards}; the features were made from other shards")
+    num_classes = feature_num_classes(args.features, train["labels"], val["labels"])
+    fit, hold = holdout_split(train["labels"], params.data.holdout_fraction, params.data.seed)
+    if cfg.mode == "cached":
+        train_fn = cached_trainer(params, device, train, fit, num_classes, tracker)
+    else:
+        train_fn = augmented_trainer(args, params, device, train, fit, num_classes, tracker)
+
+    selection = select_lr(cfg.lrs, lambda lr: train_fn(lr, False), train["features"][hold],
+                          train["labels"][hold])
+    log.info("%s: lr %g chosen on holdout (top-1 per lr: %s)", args.name, selection.best_lr,
+             selection.lr_top1)
+    # retrained on the whole train split at the chosen lr; the test split is scored once
+    final = train_fn(selection.best_lr, True)
+    scores = predict_linear(final, val["features"])
+    test = topk_accuracy(scores, val["labels"])
+    per_class = per_class_accuracy(scores.argmax(1), val["labels"], num_classes)
+    log.info("%s test: top-1 %.2f%%, top-5 %.2f%%", args.name, test["top1"], test["top5"])
+    return {"name": args.name, "mode": cfg.mode, "epochs": cfg.epochs, "lr": selection.best_lr,
+            "holdout": {**selection.holdout,
+                        "lr_top1": {f"{lr:g}": top1 for lr, top1 in selection.lr_top1.items()}},
+            "test": test, "per_class_top1": nan_to_none(per_class)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with stage(f"linear@{args.name}", args.params) as ctx:
+        if ctx.runtime.world_size > 1:
+            raise RuntimeError("stages/linear.py runs in one process; start it with python, "
+                               "not torchrun")
+        summary = ctx.finish(args.metrics, evaluate(args, ctx.params, ctx.runtime.device,
+                                                    ctx.tracker))
+        ctx.tracker.log_metrics(flatten_metrics(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Stage `pretrain`: MoCo-v2 self-supervised pre-training, used twice by the pipeline.
+
+`--role teacher` pre-trains the teacher (`teacher.arch`) when `teacher.checkpoint` is empty;
+`--role baseline` trains the student architecture (`student.arch`) alone: the SSL baseline of the
+paper's tables. Launch with torchrun (gloo on CPU, NCCL on GPU). The result is written in the
+canonical form that `stages/teacher.py` and the evaluation stages read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from seed_core import distributed
+from seed_core.checkpoints import save_canonical
+from seed_core.config import Params
+from seed_core.data import open_shards, steps_per_epoch
+from seed_core.engine import autocast, moco_step
+from seed_core.io import atomic_dir, sha256_file, write_json
+from seed_core.models import Encoder, build_head, create_backbone, mlp_layout
+from seed_core.queue import EmbeddingQueue
+from seed_core.resume import CheckpointStore, fingerprint, source_digest
+from seed_core.stagekit import stage
+from seed_core.steplog import StepLog
+from seed_core.trainer import Schedule, TrainingRun
+from seed_core.transforms import MultiView, moco_v2_transform
+
+log = logging.getLogger("pretrain")
+LOG_COLUMNS = ["step", "epoch", "loss", "lr"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", choices=["teacher", "baseline"], required=True,
+                        help="what to pre-train: the teacher or the student baseline")
+    parser.add_argument("--shards", required=True, help="training shards directory")
+    parser.add_argument("--out", required=True, help="output directory (canonical model)")
+    parser.add_argument("--curves", required=True, help="per-step CSV (a DVC plot)")
+    parser.add_argument("--metrics", required=True, help="metrics JSON")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="resumable state (default: checkpoints/pretrain_<role>)")
+    return parser.parse_args(argv)
+
+
+def role_arch(params: Params, role: str) -> tuple[str, bool]:
+    if role == "teacher":
+        return params.teacher.arch, params.teacher.small_images
+    return params.student.arch, params.student.small_images
+
+
+def build_moco_encoder(arch: str, small_images: bool, hidden_dim: int,
+                       embed_dim: int) -> Encoder:
+    """Backbone + MoCo-v2 MLP head (Linear-ReLU-Linear to `embed_dim`)."""
+    backbone = create_backbone(arch, small_images=small_images)
+    width = backbone.num_features
+    return Encoder(backbone, build_head(mlp_layout(width, hidden_dim or width, embed_dim)))
+
+
+def write_skipped(args: argparse.Namespace, params: Params) -> None:
+    """With an external teacher checkpoint there is nothing to pre-train; say so in the outputs."""
+    reason = f"teacher.checkpoint is set ({params.teacher.checkpoint}); no pre-training needed"
+    with atomic_dir(args.out) as tmp:
+        write_json(tmp / "skipped.json", {"skipped": True, "reason": reason})
+    StepLog(args.curves, LOG_COLUMNS).write()
+    write_json(args.metrics, {"skipped": True, "reason": reason, "seconds": 0.0})
+    log.info("skipped: %s", reason)
+
+
+def pretrain(args: argparse.Namespace, params: Params, rt: distributed.Runtime,
+             tracker) -> dict:
+    cfg, data = params.pretrain, params.data
+    arch, small_images = role_arch(params, args.target)
+    torch.manual_seed(cfg.seed)  # same initial weights and queue on every rank
+    query = build_moco_encoder(arch, small_images, cfg.hidden_dim, cfg.embed_dim)
+    if rt.world_size > 1:
+        query = distributed.convert_sync_batchnorm(query, rt.device)
+    query = query.to(rt.device)
+    key = copy.deepcopy(query).requires_grad_(False)
+    queue = EmbeddingQueue(cfg.queue_size, cfg.embed_dim, rt.device)
+    queue.fill_random(torch.Generator().manual_seed(cfg.seed))
+    model = distributed.wrap_ddp(query, rt)
+
+    shards = open_shards(args.shards)
+    schedule = Schedule(cfg.epochs, steps_per_epoch(shards, cfg.batch_size), cfg.batch_size,
+                        cfg.lr, cfg.momentum, cfg.weight_decay, cfg.warmup_epochs)
+    config = {"stage": "pretrain", "role": args.target, "arch": arch, "small_images": small_images,
+              **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "log_every"},
+              "image_size": data.image_size, "workers": data.workers, "data_seed": data.seed,
+              "shards": sha256_file(Path(args.shards) / "manifest.json"),
+              "world_size": rt.world_size, "code": source_digest()}
+    store = CheckpointStore(args.checkpoint_dir or f"checkpoints/pretrain_{args.target}",
+                            fingerprint(config))
+    run = TrainingRun(runtime=rt, schedule=schedule, saved_modules={"query": query, "key": key},
+                      trainable=query, queues={"queue": queue},
+                      steplog=StepLog(args.curves, LOG_COLUMNS), store=store,
+                      precision=cfg.precision)
+    log.info("MoCo-v2 %s (%s): %d epochs x %d steps, global batch %d, lr %.4f, %d rank(s) on %s",
+             args.target, arch, cfg.epochs, schedule.steps_per_epoch, cfg.batch_size, schedule.lr,
+             rt.world_size, rt.device)
+
+    def step(batch: dict, position, want_stats: bool) -> dict[str, float]:
+        return moco_step(model, key, queue, batch["views"], temperature=cfg.temperature,
+                         key_momentum=cfg.key_momentum, optimizer=run.optimizer,
+                         scaler=run.scaler, gather=distributed.gather_cat,
+                         amp=lambda: autocast(rt.device, cfg.precision),
+                         where=f"pretrain {args.target} epoch {position.epoch} "
+                               f"step {position.step}")
+
+    transform = MultiView([moco_v2_transform(data.image_size)] * 2)
+    started = time.perf_counter()
+    ran = run.fit(shards=shards, transform=transform, seed=cfg.seed, workers=data.workers,
+                  step=step, on_metrics=lambda s, m: tracker.log_metrics(m, step=s),
+                  checkpoint_every=max(1, schedule.steps_per_epoch), log_every=cfg.log_every,
+                  desc=f"pretrain {args.target}")
+    seconds = time.perf_counter() - started
+    summary = {"role": args.target, "arch": arch, "epochs": cfg.epochs,
+               "steps": schedule.total_steps, "steps_run": ran,
+               "final_loss": run.steplog.rows[-1]["loss"] if run.steplog.rows else None,
+               "images_per_s": ran * cfg.batch_size / seconds if seconds > 0 else None,
+               "decode_errors": sum(run.decode_errors.values())}
+    if rt.is_main:
+        meta = {"format": "seed_distill", "arch": arch, "small_images": small_images,
+                "method": "moco_v2", "epochs": cfg.epochs, "source_path": str(args.shards),
+                "source_sha256": config["shards"]}
+        with atomic_dir(args.out) as tmp:
+            save_canonical(tmp / "model.safetensors", query.backbone.state_dict(),
+                           query.head.state_dict(), meta)
+        run.steplog.write()
+        store.clear()
+    distributed.barrier()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with stage(f"pretrain@{args.target}", args.params) as ctx:
+        if args.target == "teacher" and ctx.params.teacher.checkpoint:
+            if ctx.runtime.is_main:
+                write_skipped(args, ctx.params)
+            return
+        summary = ctx.finish(args.metrics, pretrain(args, ctx.params, ctx.runtime, ctx.tracker))
+        if ctx.runtime.is_main:
+            ctx.tracker.log_artifact(args.curves)
+        log.info("done: %s", summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Stage `report`: the results table (teacher / baseline / SEED), plots and the summary metrics.
+
+Writes `metrics/summary.json` (`{"teacher": {"knn_top1", "knn_top5", "linear_top1",
+"linear_top5"}, "baseline": {...}, "student": {...}}`, test-split percentages),
+`reports/summary.md`, and `plots/{training_curves,per_class_accuracy,embedding_projection}.png`;
+logs the summary to the pipeline's parent MLflow run and the files as the report run's artifacts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from seed_core import report
+from seed_core.config import Params
+from seed_core.data import open_shards
+from seed_core.io import read_json, write_json, write_text
+from seed_core.stagekit import stage
+from seed_core.tracking import Tracker
+
+log = logging.getLogger("report")
+MAX_POINTS = 2000  # points per panel of the embedding projection
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out-dir", default="reports")
+    p.add_argument("--plots-dir", default="plots")
+    p.add_argument("--summary", default="metrics/summary.json")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--metrics-dir", default="metrics",
+                   help="stage metrics JSONs whose `seconds` sum to the pipeline compute time")
+    p.add_argument("--teacher-meta", default="models/teacher/teacher.json")
+    p.add_argument("--baseline-meta", default="models/pretrain/baseline/model.json")
+    p.add_argument("--student-meta", default="models/student/model.json")
+    for model in report.MODELS:
+        p.add_argument(f"--knn-{model}", default=f"metrics/knn_{model}.json")
+        p.add_argument(f"--linear-{model}", default=f"metrics/linear_{model}.json")
+    p.add_argument("--teacher-features", default="data/features/teacher/val.safetensors")
+    p.add_argument("--student-features", default="data/features/student/val.safetensors")
+    p.add_argument("--log-teacher", default="plots/pretrain_teacher.csv")
+    p.add_argument("--log-baseline", default="plots/pretrain_baseline.csv")
+    p.add_argument("--log-distill", default="plots/distill.csv")
+    p.add_argument("--val-shards", default=None, help="val shards (class names from manifest)")
+    return p.parse_args(argv)
+
+
+def class_names(args: argparse.Namespace) -> list[str] | None:
+    if args.val_shards:
+        names = open_shards(args.val_shards).class_names
+        if names:
+            return list(names)
+    meta_path = Path(args.student_features).parent / "meta.json"
+    return read_json(meta_path).get("class_names") if meta_path.is_file() else None
+
+
+def projection_panels(args: argparse.Namespace, seed: int) -> tuple[dict[str, Any], int]:
+    """PCA panels of teacher and student val features on the same subsample, and the number of
+    val images. The embeddings (head outputs, the space SEED aligns) are used when both have
+    them, else the backbone features."""
+    splits = {name: report.load_feature_split(Path(path).parent, Path(path).stem)
+              for name, path in (("teacher", args.teacher_features),
+                                 ("student", args.student_features))}
+    teacher, student = splits["teacher"], splits["student"]
+    if not teacher["index"].equal(student["index"]):
+        raise ValueError(f"{args.teacher_features} and {args.student_features} hold different "
+                         f"samples; extract both from the same val shards")
+    key = "embeddings" if all("embeddings" in s for s in splits.values()) else "features"
+    rows = report.subsample(teacher["index"].numel(), MAX_POINTS, seed)
+    panels = {}
+    for name, split in splits.items():
+        xy, ratio = report.pca_2d(split[key][rows])
+        panels[f"{name}: {key} (PCA, {rows.numel()} val images)"] = (xy, split["labels"][rows],
+                                                                     ratio)
+    return panels, int(teacher["index"].numel())
+
+
+def reading_context(params: Params, metas: dict[str, dict],
+                    n_test: int) -> report.ReadingContext:
+    return report.ReadingContext(
+        n_test=n_test, image_size=params.data.image_size,
+        teacher_arch=metas["teacher"].get("arch", params.teacher.arch),
+        student_arch=metas["student"].get("arch", params.student.arch),
+        teacher_small_images=bool(metas["teacher"].get("small_images",
+                                                       params.teacher.small_images)),
+        student_small_images=bool(metas["student"].get("small_images",
+                                                       params.student.small_images)),
+        teacher_epochs=metas["teacher"].get("epochs"),
+        baseline_epochs=metas["baseline"].get("epochs"),
+        distill_epochs=params.distill.epochs)
+
+
+def build(args: argparse.Namespace, params: Params, tracker: Tracker) -> dict[str, Any]:
+    metas = {m: report.read_model_meta(getattr(args, f"{m}_meta")) for m in report.MODELS}
+    knn = {m: report.read_metrics(getattr(args, f"knn_{m}"), f"knn@{m}") for m in report.MODELS}
+    linear = {m: report.read_metrics(getattr(args, f"linear_{m}"), f"linear@{m}")
+              for m in report.MODELS}
+    summary = report.build_summary(knn, linear)
+    names = class_names(args)
+    plots_dir, out_dir = Path(args.plots_dir), Path(args.out_dir)
+    plots = {"training curves": plots_dir / "training_curves.png",
+             "per-class accuracy": plots_dir / "per_class_accuracy.png",
+             "embedding projection": plots_dir / "embedding_projection.png"}
+
+    logs = {"teacher pre-training": report.read_training_log(args.log_teacher),
+            "baseline pre-training": report.read_training_log(args.log_baseline),
+            "distillation": report.read_training_log(args.log_distill)}
+    report.plot_training_curves(logs, plots["training curves"])
+    report.plot_per_class({kind: {m: metrics[m].get("per_class_top1", []) for m in report.MODELS}
+                           for kind, metrics in (("kNN", knn), ("linear", linear))},
+                          names, plots["per-class accuracy"])
+    panels, n_test = projection_panels(args, params.data.seed)
+    report.plot_embeddings(panels, names, plots["embedding projection"])
+
+    seconds = report.stage_seconds(args.metrics_dir, exclude=[args.summary])
+    markdown = report.render_summary_md(
+        summary, metas, knn, linear, reading_context(params, metas, n_test),
+        params.data.holdout_fraction, seconds,
+        {caption: report.relative_to(path, out_dir) for caption, path in plots.items()})
+    write_json(args.summary, summary)
+    write_text(out_dir / "summary.md", markdown)
+    log.info("summary: %s", summary)
+
+    tracker.log_parent_metrics(report.summary_metrics(summary))
+    tracker.log_metrics({**report.summary_metrics(summary),
+                         "pipeline_seconds": sum(seconds.values())})
+    for path in [*plots.values(), out_dir / "summary.md"]:
+        tracker.log_artifact(path)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with stage("report", args.params) as ctx:
+        if ctx.runtime.is_main:
+            build(args, ctx.params, ctx.tracker)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""DVC stage `shards`: convert a SEED-format TSV into WebDataset shards.
+
+    python stages/shards.py --tsv FILE --out DIR [--shard-size N] [--strict]
+                            [--workers N] [--labelmap FILE] [--metrics FILE]
+
+Bad records are skipped and listed in DIR/manifest.json; with --strict the first one stops the
+conversion (exit 1, "file:line: reason") and DIR is left untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from seed_core.config import flatten, load_params
+from seed_core.io import write_json
+from seed_core.shards import DEFAULT_SHARD_SIZE, ShardConversionError, convert_tsv_to_shards
+from seed_core.tracking import NullTracker, start_tracking
+
+log = logging.getLogger("stages.shards")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tsv", required=True, help="SEED TSV: key<TAB>label<TAB>base64 image")
+    parser.add_argument("--out", required=True, help="output directory of shard-NNNNNN.tar")
+    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                        help="samples per shard (params: data.shard_size)")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail on the first bad record instead of skipping it")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="decoding processes (default: number of CPUs)")
+    parser.add_argument("--labelmap", help="class names, one per line (default: labelmap.txt "
+                                           "beside the TSV, if present)")
+    parser.add_argument("--metrics", help="write counts and records/s here as JSON")
+    parser.add_argument("--params", default="params.yaml",
+                        help="params file; MLflow tracking only when it exists")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    if Path(args.params).is_file():
+        params = load_params(args.params)
+        tracker = start_tracking("shards", flatten(params), params.mlflow.experiment)
+    else:  # a standalone conversion of any TSV needs no pipeline configuration
+        tracker = NullTracker()
+    try:
+        start = time.perf_counter()
+        manifest = convert_tsv_to_shards(args.tsv, args.out, shard_size=args.shard_size,
+                                         strict=args.strict, workers=args.workers,
+                                         labelmap=args.labelmap)
+        seconds = time.perf_counter() - start
+        metrics = {"samples": manifest["samples"], "skipped": len(manifest["skipped"]),
+                   "lines": manifest["lines"], "shards": len(manifest["shards"]),
+                   "seconds": round(seconds, 3),
+                   "records_per_s": round(manifest["lines"] / max(seconds, 1e-9), 1)}
+        if args.metrics:
+            write_json(args.metrics, metrics)
+        tracker.log_metrics(metrics)
+    except (ShardConversionError, FileNotFoundError) as err:
+        tracker.close(failed=True)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except BaseException:
+        tracker.close(failed=True)
+        raise
+    tracker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

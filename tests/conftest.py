@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny WebDataset shards written directly (no dependency on the converter)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("SEED_TRACKING", "0")  # unit tests do not write to MLflow
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tiny_shards(root: Path, counts: list[int], num_classes: int = 4, size: int = 12,
+                      seed: int = 0) -> Path:
+    """Shards of random grayscale PNGs whose mean brightness depends on the class; the sample
+    with global index i has label i % num_classes and key `s{i:05d}`."""
+    import webdataset as wds
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    shards, index = [], 0
+    for shard_no, count in enumerate(counts):
+        name = f"shard-{shard_no:06d}.tar"
+        with wds.TarWriter(str(root / name)) as sink:
+            for _ in range(count):
+                label = index % num_classes
+                pixels = rng.integers(0, 60, (size, size)) + 45 * label
+                sink.write({"__key__": f"s{index:05d}", "png": png_bytes(
+                    pixels.astype(np.uint8)), "cls": str(label).encode(),
+                    "json": json.dumps({"key": f"s.{index}", "line": index + 1}).encode()})
+                index += 1
+        shards.append({"name": name, "samples": count})
+    manifest = {"samples": index, "skipped": [], "num_classes": num_classes, "shards": shards,
+                "source": {"path": "synthetic", "bytes": 0, "sha256": ""}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.fixture
+def tiny_shards(tmp_path: Path) -> Path:
+    """Three uneven shards, 70 samples, 4 classes."""
+    return write_tiny_shards(tmp_path / "shards", [30, 25, 15])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

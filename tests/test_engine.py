@@ -1,0 +1,140 @@
+"""Training steps: N gloo ranks on a split batch equal 1 process on the whole batch."""
+
+import contextlib
+import copy
+import datetime
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import free_port
+from seed_core import distributed
+from seed_core.engine import (cosine_with_warmup, merge_by_index, moco_step, scaled_lr,
+                              seed_step)
+from seed_core.models import Encoder, build_head, create_backbone, mlp_layout
+from seed_core.queue import EmbeddingQueue
+
+GLOBAL_BATCH, STEPS, SIZE = 8, 3, 16
+
+
+def encoder(seed: int, out_dim: int = 16) -> Encoder:
+    torch.manual_seed(seed)
+    backbone = create_backbone("resnet10t")
+    width = backbone.num_features
+    return Encoder(backbone, build_head(mlp_layout(width, 32, out_dim)))
+
+
+def global_batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    return [torch.randn(GLOBAL_BATCH, 3, SIZE, SIZE, generator=g) for _ in range(STEPS)]
+
+
+def run_steps(kind: str, rank: int, world: int) -> dict:
+    """STEPS optimisation steps of `kind` on this rank's slice of each global batch."""
+    device = torch.device("cpu")
+    rt = distributed.Runtime(rank, world, rank, device)
+    per_rank = GLOBAL_BATCH // world
+    student = encoder(0)
+    if world > 1:
+        student = distributed.convert_sync_batchnorm(student, device)
+    frozen = copy.deepcopy(student).requires_grad_(False) if kind == "moco" else \
+        encoder(1).eval().requires_grad_(False)
+    model = distributed.wrap_ddp(student, rt)
+    queue = EmbeddingQueue(12, 16)  # 12 is not a multiple of the batch: wrap-around included
+    queue.fill_random(torch.Generator().manual_seed(5))
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    losses = []
+    for step, images in enumerate(global_batches()):
+        mine = images[rank * per_rank:(rank + 1) * per_rank]
+        common = dict(optimizer=optimizer, scaler=None, gather=distributed.gather_cat,
+                      amp=contextlib.nullcontext, where=f"test step {step}")
+        if kind == "seed":
+            out = seed_step(model, frozen, queue, [mine], t_student=0.2, t_teacher=0.05,
+                            **common)
+        else:
+            flipped = torch.flip(mine, dims=[3])
+            out = moco_step(model, frozen, queue, [mine, flipped], temperature=0.2,
+                            key_momentum=0.9, **common)
+        loss = torch.tensor([out["loss"]])
+        if world > 1:
+            dist.all_reduce(loss)
+        losses.append(loss.item() / world)
+    state = {k: v.clone() for k, v in student.state_dict().items() if v.dtype.is_floating_point}
+    return {"losses": losses, "state": state, "queue": queue.buffer.clone(), "ptr": queue.ptr}
+
+
+def _worker(rank: int, world: int, port: int, kind: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    result = run_steps(kind, rank, world)
+    if rank == 0:
+        torch.save(result, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["seed", "moco"])
+def test_two_gloo_ranks_equal_one_process(tmp_path: Path, kind: str) -> None:
+    single = run_steps(kind, 0, 1)
+    out = tmp_path / "two.pt"
+    mp.spawn(_worker, args=(2, free_port(), kind, str(out)), nprocs=2, join=True)
+    double = torch.load(out, weights_only=True)
+    assert double["losses"] == pytest.approx(single["losses"], rel=1e-4, abs=1e-5)
+    assert double["ptr"] == single["ptr"]
+    torch.testing.assert_close(double["queue"], single["queue"], rtol=1e-4, atol=1e-5)
+    assert double["state"].keys() == single["state"].keys()
+    for name, value in single["state"].items():
+        torch.testing.assert_close(double["state"][name], value, rtol=1e-4, atol=1e-5,
+                                   msg=name)
+    # and the steps did train: the weights moved
+    assert single["losses"][0] != single["losses"][-1]
+
+
+def test_nan_loss_stops_with_a_clear_error() -> None:
+    student, teacher = encoder(0), encoder(1).eval()
+    queue = EmbeddingQueue(12, 16)
+    queue.buffer.fill_(float("nan"))
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match="loss is nan at distill epoch 2 step 7"):
+        seed_step(student, teacher, queue, [torch.randn(4, 3, SIZE, SIZE)], t_student=0.2,
+                  t_teacher=0.01, optimizer=optimizer, scaler=None, gather=lambda x: x,
+                  amp=contextlib.nullcontext, where="distill epoch 2 step 7")
+
+
+def test_small_patches_add_a_second_queue_loss() -> None:
+    student, teacher = encoder(0), encoder(1).eval()
+    queue, small = EmbeddingQueue(12, 16), EmbeddingQueue(12, 16)
+    queue.fill_random(torch.Generator().manual_seed(1))
+    small.fill_random(torch.Generator().manual_seed(2))
+    before = small.buffer.clone()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.0)
+    views = [torch.randn(4, 3, SIZE, SIZE), torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)]
+    out = seed_step(student, teacher, queue, views, t_student=0.2, t_teacher=0.01,
+                    optimizer=optimizer, scaler=None, gather=lambda x: x,
+                    amp=contextlib.nullcontext, where="t", small_queue=small)
+    assert small.ptr == 4 and not torch.equal(small.buffer[:4], before[:4])
+    with torch.no_grad():  # the first patch of each image is what the patch queue keeps
+        torch.testing.assert_close(small.buffer[:4], teacher(views[1]))
+    assert out["loss"] > 0 and 0.0 <= out["agreement"] <= 1.0
+
+
+def test_cosine_schedule_with_warmup() -> None:
+    f = cosine_with_warmup(total_steps=100, warmup_steps=10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5)
+    assert f(99) == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert scaled_lr(0.03, 512) == pytest.approx(0.06)
+
+
+def test_merge_by_index_orders_and_rejects_duplicates() -> None:
+    a = (torch.tensor([[1.0], [3.0]]), torch.tensor([1, 3]), torch.tensor([1, 3]))
+    b = (torch.tensor([[0.0], [2.0]]), torch.tensor([0, 2]), torch.tensor([0, 2]))
+    feats, labels, index = merge_by_index([a, b])
+    assert index.tolist() == [0, 1, 2, 3] and feats.squeeze(1).tolist() == [0, 1, 2, 3]
+    with pytest.raises(RuntimeError, match="seen twice"):
+        merge_by_index([a, a])

@@ -1,0 +1,118 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seed_core.losses import infonce_loss, queue_entropy, seed_agreement, seed_loss
+
+
+def unit(*shape: int, seed: int = 0) -> torch.Tensor:
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def naive_seed_loss(s, t, queue, ts, tt) -> torch.Tensor:
+    """SEED's loss written one sample at a time, straight from the paper's definition."""
+    total = 0.0
+    for i in range(s.shape[0]):
+        bank = torch.cat([t[i:i + 1], queue])  # instances: own teacher embedding, then the queue
+        p_teacher = torch.softmax((bank @ t[i]) / tt, dim=0)
+        log_p_student = torch.log_softmax((bank @ s[i]) / ts, dim=0)
+        total = total - (p_teacher * log_p_student).sum()
+    return total / s.shape[0]
+
+
+@pytest.mark.parametrize("tt", [1e-4, 0.01, 0.07, 1.0])
+def test_seed_loss_matches_naive_loop(tt: float) -> None:
+    s, t, q = unit(8, 16, seed=1), unit(8, 16, seed=2), unit(37, 16, seed=3)
+    fast = seed_loss(s, t, q, 0.2, tt)
+    slow = naive_seed_loss(s.double(), t.double(), q.double(), 0.2, tt)
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-5, abs=1e-5)
+
+
+def test_seed_loss_gradient_matches_naive_loop() -> None:
+    s, t, q = unit(6, 8, seed=4), unit(6, 8, seed=5), unit(20, 8, seed=6)
+    s1 = s.clone().requires_grad_(True)
+    s2 = s.clone().double().requires_grad_(True)
+    seed_loss(s1, t, q, 0.2, 0.05).backward()
+    naive_seed_loss(s2, t.double(), q.double(), 0.2, 0.05).backward()
+    torch.testing.assert_close(s1.grad, s2.grad.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_seed_loss_only_student_gets_gradients() -> None:
+    s = unit(4, 8, seed=7).requires_grad_(True)
+    t = unit(4, 8, seed=8).requires_grad_(True)
+    q = unit(10, 8, seed=9).requires_grad_(True)
+    seed_loss(s, t, q, 0.2, 0.01).backward()
+    assert s.grad is not None and t.grad is None and q.grad is None
+
+
+def test_cold_teacher_is_one_hot_on_the_positive() -> None:
+    """As t_teacher -> 0 the target is one-hot on the positive: SEED becomes InfoNCE of the
+    student against its own teacher embedding."""
+    s, t, q = unit(8, 16, seed=10), unit(8, 16, seed=11), unit(50, 16, seed=12)
+    cold = seed_loss(s, t, q, 0.2, 1e-6)
+    expected = -F.log_softmax(torch.cat([(s * t).sum(1, keepdim=True), s @ q.T], 1) / 0.2,
+                              dim=1)[:, 0].mean()
+    assert cold.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert cold.item() == pytest.approx(infonce_loss(s, t, q, 0.2).item(), rel=1e-5)
+
+
+def test_hot_teacher_target_is_uniform() -> None:
+    s, t, q = unit(4, 16, seed=13), unit(4, 16, seed=14), unit(30, 16, seed=15)
+    hot = seed_loss(s, t, q, 0.2, 1e6)
+    logits = torch.cat([(s * t).sum(1, keepdim=True), s @ q.T], 1) / 0.2
+    expected = -F.log_softmax(logits, dim=1).mean(1).mean()
+    assert hot.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_seed_loss_is_minimal_when_student_equals_teacher_distribution() -> None:
+    """With t_student == t_teacher the loss is the cross-entropy H(p_T, p_S) >= H(p_T),
+    with equality at student == teacher."""
+    t, q = unit(6, 16, seed=16), unit(40, 16, seed=17)
+    at_teacher = seed_loss(t, t, q, 0.1, 0.1)
+    other = seed_loss(unit(6, 16, seed=18), t, q, 0.1, 0.1)
+    assert at_teacher < other
+    assert at_teacher.item() == pytest.approx(queue_entropy(t, q, 0.1).item(), rel=1e-5)
+
+
+def test_seed_loss_falls_over_gradient_steps() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(32, 10)
+    teacher = F.normalize(torch.randn(32, 8), dim=1)
+    q = unit(64, 8, seed=19)
+    student = torch.nn.Linear(10, 8)
+    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    losses = []
+    for _ in range(30):
+        loss = seed_loss(F.normalize(student(x), dim=1), teacher, q, 0.2, 0.01)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_infonce_matches_naive_loop() -> None:
+    qz, kz, queue = unit(5, 8, seed=20), unit(5, 8, seed=21), unit(12, 8, seed=22)
+    expected = 0.0
+    for i in range(5):
+        logits = torch.cat([(qz[i] @ kz[i]).view(1), queue @ qz[i]]) / 0.2
+        expected += -logits[0] + torch.logsumexp(logits, 0)
+    assert infonce_loss(qz, kz, queue, 0.2).item() == pytest.approx(expected.item() / 5, rel=1e-5)
+
+
+def test_agreement_counts_top1_matches() -> None:
+    t = unit(4, 8, seed=23)
+    q = unit(10, 8, seed=24)
+    assert seed_agreement(t, t, q).item() == 1.0
+    # a student that points at queue entry 0 agrees only where the teacher also prefers it
+    s = q[:1].expand(4, -1).clone()
+    teacher_top = torch.cat([(t * t).sum(1, keepdim=True), t @ q.T], 1).argmax(1)
+    assert seed_agreement(s, t, q).item() == pytest.approx((teacher_top == 1).float().mean())
+
+
+def test_queue_entropy_bounds() -> None:
+    t, q = unit(4, 8, seed=25), unit(15, 8, seed=26)
+    assert queue_entropy(t, q, 1e-4).item() == pytest.approx(0.0, abs=1e-4)
+    assert queue_entropy(t, q, 1e6).item() == pytest.approx(math.log(16), rel=1e-4)

@@ -1,0 +1,232 @@
+"""End to end: the whole DVC pipeline on tiny settings, in a scratch git copy of the repository,
+tracked by a real MLflow server on 127.0.0.1 with a sqlite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+TRACKED = ["stages", "seed_core", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore",
+           ".gitignore"]
+TINY = {
+    "data": {"limit_train": 400, "limit_val": 200, "image_size": 16, "shard_size": 100,
+             "workers": 0},
+    "teacher": {"verify_samples": 200},
+    "pretrain": {"epochs": 1, "batch_size": 64, "queue_size": 128},
+    "distill": {"epochs": 1, "batch_size": 64, "queue_size": 128, "checkpoint_every": 2},
+    "features": {"batch_size": 200},
+    "knn": {"sweep_k": [5, 10]},
+    "linear": {"epochs": 5, "lrs": [0.1, 1.0]},
+}
+ALL_STAGES = {"fashion_mnist", "shards@train", "shards@val", "pretrain@teacher",
+              "pretrain@baseline", "teacher", "teacher_cache", "distill", "features@teacher",
+              "features@baseline", "features@student", "knn@teacher", "knn@baseline",
+              "knn@student", "linear@teacher", "linear@baseline", "linear@student", "report"}
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").exists(),
+                       reason="needs Debian's dataset-fashion-mnist (make test installs it)"),
+]
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` with a sqlite backend; yields its base URL."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    log = open(root / "server.log", "w")
+    server = subprocess.Popen(
+        [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ,
+                                                   "MLFLOW_DISABLE_TELEMETRY": "true"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except (urllib.error.URLError, ConnectionError):
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()}")
+            time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
+
+
+class Repo:
+    """A scratch git copy of the project, with tiny params, run through `dvc`."""
+
+    def __init__(self, path: Path, tracking_uri: str) -> None:
+        self.path = path
+        self.env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                    "DVC_NO_ANALYTICS": "1", "MLFLOW_TRACKING_URI": tracking_uri,
+                    "SEED_TRACKING": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                    "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+        self.env.pop("DVC_ROOT", None)
+
+    def run(self, *cmd: str, timeout: int = 900) -> subprocess.CompletedProcess:
+        done = subprocess.run(list(cmd), cwd=self.path, env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n"
+                                 f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+        return done
+
+    def repro(self) -> set[str]:
+        """Run `dvc repro`; return the names of the stages that ran."""
+        out = self.run("dvc", "repro").stdout
+        return set(re.findall(r"Running stage '([^']+)'", out))
+
+    def set_params(self, **changes: object) -> None:
+        params = yaml.safe_load((self.path / "params.yaml").read_text())
+        for dotted, value in changes.items():
+            section, key = dotted.split("__")
+            params[section][key] = value
+        (self.path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def commit(self, message: str) -> None:
+        self.run("git", "add", "-A")
+        self.run("git", "commit", "-qm", message)
+
+    def read_json(self, relative: str) -> dict:
+        return json.loads((self.path / relative).read_text())
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, mlflow_server) -> Repo:
+    path = tmp_path_factory.mktemp("pipeline") / "repo"
+    path.mkdir()
+    for item in TRACKED:
+        source = ROOT / item
+        target = path / item
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, target)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    scratch = Repo(path, mlflow_server)
+    scratch.run("git", "init", "-q")
+    scratch.commit("scratch copy")
+    ran = scratch.repro()
+    assert ran == ALL_STAGES
+    scratch.commit("first run")
+    return scratch
+
+
+def test_outputs_have_their_contract_shapes(repo: Repo) -> None:
+    summary = repo.read_json("metrics/summary.json")
+    assert set(summary) == {"teacher", "baseline", "student"}
+    for row in summary.values():
+        assert set(row) == {"knn_top1", "knn_top5", "linear_top1", "linear_top5"}
+        assert all(0.0 <= v <= 100.0 for v in row.values())
+        assert row["knn_top5"] >= row["knn_top1"]
+    table = (repo.path / "reports" / "summary.md").read_text()
+    assert "| Teacher |" in table and "✗" in table and "| SEED |" in table
+    for png in ("training_curves", "per_class_accuracy", "embedding_projection"):
+        assert (repo.path / "plots" / f"{png}.png").read_bytes()[:4] == b"\x89PNG"
+    teacher = repo.read_json("models/teacher/teacher.json")
+    assert teacher["format"] == "seed_distill" and teacher["head"] is True
+    assert 0.0 <= teacher["knn_top1"] <= 100.0
+    manifest = repo.read_json("data/shards/train/manifest.json")
+    assert manifest["samples"] == 400 and manifest["skipped"] == []
+    assert repo.read_json("metrics/distill.json")["steps_run"] == 400 // 64
+
+
+def test_second_repro_is_up_to_date(repo: Repo) -> None:
+    assert repo.repro() == set()
+    assert "up to date" in repo.run("dvc", "status").stdout
+
+
+def test_mlflow_server_has_runs_params_and_metrics(repo: Repo, mlflow_server: str) -> None:
+    experiment = _get(f"{mlflow_server}/api/2.0/mlflow/experiments/get-by-name"
+                      "?experiment_name=seed-distill")["experiment"]
+    runs = _post(f"{mlflow_server}/api/2.0/mlflow/runs/search",
+                 {"experiment_ids": [experiment["experiment_id"]], "max_results": 500})["runs"]
+
+    def tags(run: dict) -> dict:
+        return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+    parents = [r for r in runs if tags(r).get("seed.role") == "pipeline"]
+    children = [r for r in runs if tags(r).get("seed.role") == "stage"]
+    assert len(parents) == 1
+    parent = parents[0]
+    params = {p["key"]: p["value"] for p in parent["data"]["params"]}
+    assert params["distill.t_student"] == "0.2" and params["data.limit_train"] == "400"
+    metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    summary = repo.read_json("metrics/summary.json")
+    assert metrics["student.knn_top1"] == pytest.approx(summary["student"]["knn_top1"])
+    stages = {tags(r)["dvc_stage"] for r in children}
+    assert ALL_STAGES - {"fashion_mnist"} <= stages | {"fashion_mnist"}
+    assert all(tags(r)["mlflow.parentRunId"] == parent["info"]["run_id"] for r in children)
+    assert all(re.fullmatch(r"[0-9a-f]{40}", tags(r)["git_commit"]) for r in children)
+    distill = next(r for r in children if tags(r)["dvc_stage"] == "distill")
+    history = _get(f"{mlflow_server}/api/2.0/mlflow/metrics/get-history?run_id="
+                   f"{distill['info']['run_id']}&metric_key=loss")["metrics"]
+    assert len(history) >= 1
+    model = _get(f"{mlflow_server}/api/2.0/mlflow/registered-models/get?name=seed-student")
+    assert model["registered_model"]["name"] == "seed-student"
+
+
+def test_changing_knn_k_reruns_only_knn_and_report(repo: Repo) -> None:
+    repo.set_params(knn__k=5)
+    assert repo.repro() == {"knn@teacher", "knn@baseline", "knn@student", "report"}
+    assert repo.read_json("metrics/knn_student.json")["k"] == 5
+    repo.commit("k=5")
+
+
+def test_changing_limit_train_reruns_only_its_dependents(repo: Repo) -> None:
+    repo.set_params(data__limit_train=360)
+    assert repo.repro() == ALL_STAGES - {"shards@val"}
+    assert repo.read_json("data/shards/train/manifest.json")["samples"] == 360
+    repo.commit("limit 360")
+
+
+def test_dvc_experiment_with_a_changed_temperature(repo: Repo, mlflow_server: str) -> None:
+    repo.run("dvc", "exp", "run", "-n", "tstudent01", "-S", "distill.t_student=0.1")
+    shown = json.loads(repo.run("dvc", "exp", "show", "--json").stdout)
+    text = json.dumps(shown)
+    assert "tstudent01" in text and '"t_student": 0.1' in text
+    experiment = _get(f"{mlflow_server}/api/2.0/mlflow/experiments/get-by-name"
+                      "?experiment_name=seed-distill")["experiment"]
+    found = _post(f"{mlflow_server}/api/2.0/mlflow/runs/search",
+                  {"experiment_ids": [experiment["experiment_id"]],
+                   "filter": "tags.dvc_exp_name = 'tstudent01' and tags.`seed.role` = 'pipeline'"})
+    assert len(found.get("runs", [])) == 1

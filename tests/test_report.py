@@ -1,0 +1,379 @@
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import write_tiny_shards
+from seed_core import report
+from seed_core.evaluation import holdout_split, knn_classify, topk_accuracy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def metrics(top1, top5, **extra):
+    return {"test": {"top1": top1, "top5": top5}, **extra}
+
+
+def context(**overrides):
+    values = dict(n_test=10000, image_size=32, teacher_arch="resnet18", student_arch="resnet10t",
+                  teacher_small_images=False, student_small_images=False, teacher_epochs=8,
+                  baseline_epochs=8, distill_epochs=8)
+    values.update(overrides)
+    return report.ReadingContext(**values)
+
+
+def summary_of(teacher, baseline, student):
+    """Linear top-1 per model; kNN a little lower, top-5 higher."""
+    return {m: {"knn_top1": v - 2, "knn_top5": v + 10, "linear_top1": v, "linear_top5": v + 12}
+            for m, v in (("teacher", teacher), ("baseline", baseline), ("student", student))}
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def test_build_summary_has_exact_shape():
+    knn = {m: metrics(50.0 + i, 80.0, k=20) for i, m in enumerate(report.MODELS)}
+    linear = {m: metrics(60.0 + i, 90.0, lr=30.0) for i, m in enumerate(report.MODELS)}
+    summary = report.build_summary(knn, linear)
+    assert list(summary) == ["teacher", "baseline", "student"]
+    assert summary["student"] == {"knn_top1": 52.0, "knn_top5": 80.0, "linear_top1": 62.0,
+                                  "linear_top5": 90.0}
+    assert report.summary_metrics(summary)["student.knn_top1"] == 52.0
+    del linear["baseline"]["test"]["top5"]
+    with pytest.raises(ValueError, match="linear metrics of 'baseline' lack test 'top5'"):
+        report.build_summary(knn, linear)
+
+
+def test_flatten_metrics_keeps_numbers_only():
+    flat = report.flatten_metrics({"name": "x", "k": 20, "holdout": {"top1": 1.5,
+                                   "sweep_top1": {"10": 2.0}}, "per_class_top1": [1, 2],
+                                   "ok": True})
+    assert flat == {"k": 20.0, "holdout.top1": 1.5, "holdout.sweep_top1.10": 2.0}
+
+
+def test_results_table_rows_and_labels():
+    metas = {"teacher": {"arch": "resnet50", "format": "moco_v2"},
+             "baseline": {"arch": "resnet18", "method": "moco_v2", "epochs": 200},
+             "student": {"arch": "resnet18", "method": "seed", "epochs": 200,
+                         "teacher_arch": "resnet50"}}
+    table = report.results_table(summary_of(67.4, 52.5, 57.6), metas).splitlines()
+    assert table[2].startswith("| Teacher | resnet50 | MoCo-v2 (external checkpoint) | – | "
+                               "external | 65.40 |")
+    assert "| Baseline (no distillation) | resnet18 | MoCo-v2 | ✗ | 200 |" in table[3]
+    assert table[4].startswith("| SEED | resnet18 | SEED | ✓ from resnet50 | 200 | 55.60 |")
+
+
+def test_reading_paragraph_expected_order():
+    text = report.reading_paragraph(summary_of(67.4, 52.5, 57.6), context())
+    assert "teacher (67.40) > SEED student (57.60) > baseline (52.50)" in text
+    assert "Distillation helped" in text and "+5.10 points linear" in text
+    assert "ordering the SEED paper reports" in text
+    assert "Settings most likely" not in text
+
+
+def test_reading_paragraph_weak_teacher_points_at_teacher_settings():
+    text = report.reading_paragraph(summary_of(50.0, 52.0, 51.0), context())
+    assert "teacher is not clearly better" in text
+    assert "a longer teacher pre-training (it had 8 epochs, no more than the baseline)" in text
+    assert "wider or deeper teacher than resnet18" in text
+    assert "small-image 3x3 stem for 32-px data" in text
+    # with the small stem already on and an external teacher, neither is suggested
+    text = report.reading_paragraph(summary_of(50.0, 52.0, 51.0),
+                                    context(teacher_small_images=True, teacher_epochs=None))
+    assert "stem" not in text and "longer teacher" not in text
+
+
+def test_reading_paragraph_strong_teacher_weak_student_points_at_distillation():
+    text = report.reading_paragraph(summary_of(70.0, 52.0, 52.3), context(distill_epochs=5))
+    assert "within noise of the baseline" in text
+    assert "did not absorb it" in text
+    assert "more distillation epochs (distill.epochs = 5)" in text
+
+
+def test_reading_paragraph_noise_depends_on_test_size():
+    small = report.reading_paragraph(summary_of(70.0, 60.0, 65.0), context(n_test=100))
+    assert "within noise of the baseline" in small  # 5 points on 100 images is noise
+    assert report.noise_points(50.0, 100) == pytest.approx(10.0)
+
+
+def test_render_summary_md_mentions_holdout_and_compute():
+    knn = {m: metrics(50.0, 80.0, k=20, temperature=0.07,
+                      holdout={"top1": 51.0, "top5": 81.0, "sweep_top1": {"10": 49.0, "20": 51.0}})
+           for m in report.MODELS}
+    linear = {m: metrics(60.0, 90.0, lr=30.0, mode="cached", epochs=100,
+                         holdout={"top1": 61.0, "top5": 91.0, "lr_top1": {"30": 61.0}})
+              for m in report.MODELS}
+    md = report.render_summary_md(report.build_summary(knn, linear), {}, knn, linear, context(),
+                                  0.1, {"a.json": 60.0, "b.json": 30.0},
+                                  {"curves": "../plots/c.png"})
+    assert "chosen on a holdout split (10% of train" in md and "computed once" in md
+    assert "| SEED | 51.00 | 81.00 | k=20 (51.00) | 30 | 61.00 | 91.00 |" in md
+    assert "Pipeline compute time: 90 s (1.5 min)" in md
+    assert "## Reading the numbers" in md and "![curves](../plots/c.png)" in md
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+def test_read_training_log(tmp_path):
+    assert report.read_training_log(tmp_path / "missing.csv") is None
+    (tmp_path / "empty.csv").write_text("step,epoch,loss,lr\n")
+    assert report.read_training_log(tmp_path / "empty.csv") is None
+    (tmp_path / "ok.csv").write_text("step,epoch,loss,lr,agreement\n"
+                                     "0,0,5.0,0.1,\n1,0,4.0,0.1,0.5\n")
+    log = report.read_training_log(tmp_path / "ok.csv")
+    assert log["loss"] == [5.0, 4.0] and math.isnan(log["agreement"][0])
+    (tmp_path / "bad.csv").write_text("step,loss\n0,1\n")
+    with pytest.raises(ValueError, match=r"bad.csv: header .* lacks columns \['epoch', 'lr'\]"):
+        report.read_training_log(tmp_path / "bad.csv")
+    (tmp_path / "text.csv").write_text("step,epoch,loss,lr\n0,0,5,0.1\n1,0,oops,0.1\n")
+    with pytest.raises(ValueError, match=r"text.csv:3: column 'loss' is not a number"):
+        report.read_training_log(tmp_path / "text.csv")
+
+
+def test_stage_seconds_sums_stage_files_only(tmp_path):
+    (tmp_path / "knn_a.json").write_text(json.dumps({"seconds": 2.5, "test": {"seconds": 9}}))
+    (tmp_path / "distill.json").write_text(json.dumps({"seconds": 100}))
+    (tmp_path / "summary.json").write_text(json.dumps({"seconds": 1000}))
+    (tmp_path / "other.json").write_text(json.dumps({"top1": 3}))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    found = report.stage_seconds(tmp_path, exclude=[tmp_path / "summary.json"])
+    assert found == {"distill.json": 100.0, "knn_a.json": 2.5}
+
+
+def test_read_model_meta_takes_method_from_a_converted_teachers_source(tmp_path):
+    (tmp_path / "model.json").write_text(json.dumps({"method": "moco_v2", "epochs": 8}))
+    (tmp_path / "teacher.json").write_text(json.dumps({
+        "format": "seed_distill", "arch": "resnet18",
+        "source_path": str(tmp_path / "model.safetensors")}))
+    meta = report.read_model_meta(tmp_path / "teacher.json")
+    assert meta["method"] == "moco_v2" and meta["epochs"] == 8
+    assert report.method_label(meta) == "MoCo-v2"
+    assert report.read_model_meta(tmp_path / "absent.json") == {}
+
+
+def test_read_metrics_names_the_missing_stage(tmp_path):
+    with pytest.raises(FileNotFoundError,
+                       match=r"knn_student.json: missing; run the `knn@student`"):
+        report.read_metrics(tmp_path / "knn_student.json", "knn@student")
+
+
+# ----------------------------------------------------------------------------- PCA
+
+
+def test_pca_2d_matches_covariance_eigenvectors():
+    g = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
+    scales = torch.tensor([10.0, 4.0, 1.0, 0.5, 0.2, 0.1], dtype=torch.float64)
+    x = (torch.randn(500, 6, generator=g, dtype=torch.float64) * scales) @ basis.T + 3.0
+    xy, ratio = report.pca_2d(x.float())
+    cov = torch.cov(x.T)
+    evals, evecs = torch.linalg.eigh(cov)
+    top = evecs[:, [-1, -2]]
+    expected = (x - x.mean(0)) @ top
+    for j in range(2):  # eigenvectors are defined up to sign
+        assert abs(float(torch.nn.functional.cosine_similarity(
+            xy[:, j].double(), expected[:, j], dim=0))) > 0.9999
+    torch.testing.assert_close(ratio.double(), (evals[[-1, -2]] / evals.sum()), rtol=1e-4,
+                               atol=1e-6)
+    xy2, _ = report.pca_2d(-x.float() + 7)
+    torch.testing.assert_close(xy2.abs(), xy.abs(), rtol=1e-4, atol=1e-4)
+    assert xy.shape == (500, 2)
+
+
+def test_subsample_is_deterministic_and_sorted():
+    a, b = report.subsample(1000, 50, 3), report.subsample(1000, 50, 3)
+    assert torch.equal(a, b) and a.numel() == 50 and bool((a[1:] > a[:-1]).all())
+    assert torch.equal(report.subsample(10, 50, 3), torch.arange(10))
+
+
+def test_plots_render_pngs(tmp_path):
+    log = {"step": [0, 1, 2], "epoch": [0, 0, 1], "loss": [3, 2, 1], "lr": [0.1, 0.1, 0.01],
+           "agreement": [0.1, 0.2, 0.3]}
+    report.plot_training_curves({"teacher pre-training": None, "distillation": log},
+                                tmp_path / "curves.png")
+    report.plot_per_class({"kNN": {"teacher": [50.0, None], "student": [40.0, 30.0]}},
+                          ["cat", "dog"], tmp_path / "per_class.png")
+    xy = torch.randn(20, 2)
+    labels = torch.arange(20) % 3
+    report.plot_embeddings({"t": (xy, labels, torch.tensor([0.5, 0.2])),
+                            "s": (xy, labels, torch.tensor([0.4, 0.3]))}, None,
+                           tmp_path / "proj.png")
+    for name in ("curves.png", "per_class.png", "proj.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def load_stage(name):
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PARAMS = """
+data: {image_size: 16, workers: 0, holdout_fraction: 0.2}
+features: {batch_size: 16}
+knn: {k: 5, sweep_k: [1, 5, 10]}
+linear: {epochs: 3, lrs: [0.01, 0.1], batch_size: 16}
+"""
+
+
+def save_stand_in(path, arch="resnet10t", seed=0, **extra):
+    checkpoints = pytest.importorskip("seed_core.checkpoints")
+    from seed_core.models import Encoder, build_head, create_backbone, mlp_layout
+
+    torch.manual_seed(seed)
+    backbone = create_backbone(arch, small_images=True)
+    encoder = Encoder(backbone, build_head(mlp_layout(backbone.num_features, 32, 8)))
+    return checkpoints.save_encoder(path, encoder, **extra)
+
+
+@pytest.fixture
+def tiny_pipeline(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(PARAMS)
+    write_tiny_shards(tmp_path / "train", [30, 25, 15])
+    write_tiny_shards(tmp_path / "val", [20, 12], seed=1)
+    models = {"teacher": ("models/teacher/teacher.safetensors", {"fmt": "moco_v2"}),
+              "baseline": ("models/pretrain/baseline/model.safetensors",
+                           {"method": "moco_v2", "epochs": 2}),
+              "student": ("models/student/model.safetensors",
+                          {"method": "seed", "epochs": 2, "teacher_arch": "resnet10t"})}
+    for seed, (name, (path, extra)) in enumerate(models.items()):
+        save_stand_in(path, seed=seed, **extra)
+    return tmp_path, {name: str(Path(path).parent) for name, (path, _) in models.items()}
+
+
+class RecordingTracker:
+    def __init__(self):
+        self.metrics, self.parent, self.artifacts = {}, {}, []
+
+    def log_params(self, params):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.update(metrics)
+
+    def log_parent_metrics(self, metrics):
+        self.parent.update(metrics)
+
+    def log_artifact(self, path, artifact_path=None):
+        self.artifacts.append(Path(path).name)
+
+    def log_model(self, *args, **kwargs):
+        pass
+
+    def close(self, failed=False):
+        self.failed = failed
+
+
+def test_features_knn_linear_report_pipeline(tiny_pipeline, monkeypatch):
+    root, models = tiny_pipeline
+    features, knn, linear = load_stage("features"), load_stage("knn"), load_stage("linear")
+    for name, model in models.items():
+        features.main(["--model", model, "--train-shards", "train", "--val-shards", "val",
+                       "--out", f"data/features/{name}", "--embeddings",
+                       "--metrics", f"metrics/features_{name}.json"])
+        knn.main(["--features", f"data/features/{name}", "--name", name,
+                  "--metrics", f"metrics/knn_{name}.json"])
+        linear.main(["--name", name, "--features", f"data/features/{name}",
+                     "--metrics", f"metrics/linear_{name}.json"])
+
+    from safetensors.torch import load_file
+    val = load_file("data/features/student/val.safetensors")
+    assert torch.equal(val["index"], torch.arange(32)) and val["features"].shape == (32, 512)
+    assert torch.equal(val["labels"], torch.arange(32) % 4)
+    torch.testing.assert_close(val["embeddings"].norm(dim=1), torch.ones(32))
+    meta = json.loads(Path("data/features/student/meta.json").read_text())
+    assert meta["train"] == {"shards": "train", "expected": 70, "received": 70,
+                             "decode_skips": 0}
+    assert meta["model"]["method"] == "seed" and meta["num_classes"] == 4
+
+    # the stage's holdout number equals a direct kNN of holdout against the fit part
+    train = load_file("data/features/student/train.safetensors")
+    knn_metrics = json.loads(Path("metrics/knn_student.json").read_text())
+    fit, hold = holdout_split(train["labels"], 0.2, 0)
+    direct = knn_classify(train["features"][fit], train["labels"][fit],
+                          train["features"][hold], 5, 0.07, 4)
+    assert knn_metrics["holdout"]["top1"] == topk_accuracy(direct, train["labels"][hold])["top1"]
+    assert knn_metrics["holdout"]["sweep_top1"]["5"] == knn_metrics["holdout"]["top1"]
+    assert set(knn_metrics) == {"name", "k", "temperature", "holdout", "test",
+                                "per_class_top1", "seconds"}
+    lin = json.loads(Path("metrics/linear_student.json").read_text())
+    assert set(lin) == {"name", "mode", "epochs", "lr", "holdout", "test", "per_class_top1",
+                        "seconds"}
+    assert set(lin["holdout"]["lr_top1"]) == {"0.01", "0.1"} and lin["lr"] in (0.01, 0.1)
+
+    Path("plots").mkdir()
+    Path("plots/distill.csv").write_text("step,epoch,loss,lr,queue_entropy,agreement\n"
+                                         "0,0,5,0.1,3,0.2\n1,0,4,0.1,3,0.3\n")
+    tracker = RecordingTracker()
+    monkeypatch.setattr("seed_core.stagekit.start_tracking", lambda *a, **k: tracker)
+    load_stage("report").main(["--val-shards", "val"])
+    summary = json.loads(Path("metrics/summary.json").read_text())
+    assert {m: sorted(v) for m, v in summary.items()} == {
+        m: sorted(report.SUMMARY_KEYS) for m in ("teacher", "baseline", "student")}
+    assert summary["student"]["linear_top1"] == lin["test"]["top1"]
+    md = Path("reports/summary.md").read_text()
+    assert "| SEED | resnet10t (small-image stem) | SEED | ✓ from resnet10t | 2 |" in md
+    assert "## Reading the numbers" in md
+    for png in ("training_curves.png", "per_class_accuracy.png", "embedding_projection.png"):
+        assert Path("plots", png).read_bytes()[:4] == b"\x89PNG"
+    assert tracker.parent["student.knn_top1"] == summary["student"]["knn_top1"]
+    assert set(tracker.artifacts) == {"training_curves.png", "per_class_accuracy.png",
+                                      "embedding_projection.png", "summary.md"}
+
+
+def test_linear_augmented_mode_and_holdout_exclusion(tiny_pipeline):
+    root, models = tiny_pipeline
+    Path("params.yaml").write_text(PARAMS.replace("linear: {", "linear: {mode: augmented, "))
+    load_stage("features").main(["--model", models["baseline"], "--train-shards", "train",
+                                 "--val-shards", "val", "--out", "feats"])
+    linear = load_stage("linear")
+    from seed_core.data import open_shards
+    from seed_core.transforms import linear_train_transform
+
+    # the filtered stream never yields an excluded sample (here: every sample of class 0)
+    shards = open_shards("train")
+    keys = linear.sample_keys(shards)
+    assert len(keys) == 70 and keys[0] == (shards.paths[0], "s00000")
+    excluded = frozenset(k for i, k in enumerate(keys) if i % 4 == 0)
+    stream = linear.ExcludingTrainStream(shards, linear_train_transform(16), 8, seed=0, epoch=0,
+                                         rank=0, steps=10, excluded=excluded)
+    labels = torch.cat([batch["label"] for batch in stream])
+    assert labels.numel() == 80 and 0 not in labels.tolist()
+
+    linear.main(["--name", "baseline", "--features", "feats", "--model", models["baseline"],
+                 "--train-shards", "train", "--val-shards", "val", "--metrics", "lin.json"])
+    out = json.loads(Path("lin.json").read_text())
+    assert out["mode"] == "augmented" and set(out["holdout"]["lr_top1"]) == {"0.01", "0.1"}
+    assert 0.0 <= out["test"]["top1"] <= 100.0
+
+
+def test_features_under_torchrun_equals_single_process(tiny_pipeline):
+    root, models = tiny_pipeline
+    args = ["--model", models["student"], "--train-shards", "train", "--val-shards", "val"]
+    load_stage("features").main([*args, "--out", "single"])
+    env = {**os.environ, "SEED_TRACKING": "0"}
+    done = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone",
+                           "--nproc_per_node", "2", str(ROOT / "stages" / "features.py"),
+                           *args, "--out", "multi"], env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from safetensors.torch import load_file
+    for split in ("train", "val"):
+        one, two = load_file(f"single/{split}.safetensors"), load_file(f"multi/{split}.safetensors")
+        assert torch.equal(one["index"], two["index"]) and torch.equal(one["labels"],
+                                                                        two["labels"])
+        torch.testing.assert_close(one["features"], two["features"], rtol=1e-4, atol=1e-5)
+    assert json.loads(Path("multi/meta.json").read_text())["world_size"] == 2
+    assert not list(root.glob(".multi.*")), "temporary shares left behind"
