@@ -77,7 +77,9 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 class PretrainConfig:
     """MoCo-v2 (Chen et al. 2020) for the in-pipeline teacher and the student's SSL baseline."""
 
-    epochs: int = 8  # contract key
+    epochs: int = 8  # contract key: the student baseline's epochs (and the teacher's by default)
+    # SEED's teachers train longer than its students (800 vs 200 epochs); 0 = `epochs`
+    teacher_epochs: int = 0
     batch_size: int = 256  # global batch (split across ranks)
     lr: float = 0.03  # per 256 images; scaled by global batch / 256
     momentum: float = 0.9
@@ -96,6 +98,8 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "pretrain.epochs", "must be >= 1")
+        _check(self.teacher_epochs >= 0, "pretrain.teacher_epochs",
+               "must be >= 0 (0 = pretrain.epochs)")
         _check(self.batch_size >= 2, "pretrain.batch_size", "must be >= 2")
         _check(self.nproc >= 1, "pretrain.nproc", "must be >= 1")
         _check(self.batch_size % self.nproc == 0, "pretrain.batch_size",

@@ -295,8 +295,13 @@ def reading_paragraph(summary: Mapping[str, Mapping[str, float]], ctx: ReadingCo
     levers: list[str] = []
     stem_hint = ctx.image_size <= 64
     if teacher <= base + noise:
-        out.append("The teacher is not clearly better than the small baseline, so there is "
-                   "little to distil.")
+        if gain > noise:
+            out.append(f"The teacher itself is not clearly better than the small baseline "
+                       f"({teacher - base:+.2f} points linear), which caps what distillation "
+                       f"can show: teacher > SEED > baseline needs a stronger teacher.")
+        else:
+            out.append("The teacher is not clearly better than the small baseline, so there is "
+                       "little to distil.")
         if ctx.teacher_epochs is not None:
             longer = (f" (it had {ctx.teacher_epochs} epochs"
                       + (", no more than the baseline" if ctx.baseline_epochs is not None

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 from seed_core import distributed
 from seed_core.config import Params, flatten, load_params
 from seed_core.io import write_json
-from seed_core.tracking import Tracker, start_tracking
+from seed_core.tracking import NullTracker, Tracker, start_tracking
 
 
 @dataclass
@@ -42,20 +42,28 @@ def setup_logging() -> None:
 
 
 @contextlib.contextmanager
-def stage(name: str, params_path: str | os.PathLike = "params.yaml",
-          track: bool = True) -> Iterator[StageContext]:
-    """Run a stage body; the MLflow run is closed as FAILED if the body raises."""
+def tracked(name: str, params: Params | None, is_main: bool = True) -> Iterator[Tracker]:
+    """The stage's MLflow child run (a no-op tracker without params); closed as FAILED if the
+    body raises, so a crashed stage never shows as finished in the UI."""
+    tracker = (start_tracking(os.environ.get("DVC_STAGE", name), flatten(params),
+                              params.mlflow.experiment, is_main)
+               if params is not None else NullTracker())
+    try:
+        yield tracker
+    except BaseException:
+        tracker.close(failed=True)
+        raise
+    tracker.close()
+
+
+@contextlib.contextmanager
+def stage(name: str, params_path: str | os.PathLike = "params.yaml") -> Iterator[StageContext]:
+    """Run a stage body inside its process group and MLflow run (both closed on any exit)."""
     setup_logging()
     params = load_params(params_path)
     runtime = distributed.setup()
-    tracker = start_tracking(os.environ.get("DVC_STAGE", name), flatten(params),
-                             params.mlflow.experiment, runtime.is_main and track)
-    ctx = StageContext(params, runtime, tracker)
     try:
-        yield ctx
-    except BaseException:
-        tracker.close(failed=True)
+        with tracked(name, params, runtime.is_main) as tracker:
+            yield StageContext(params, runtime, tracker)
+    finally:
         distributed.cleanup()
-        raise
-    tracker.close()
-    distributed.cleanup()

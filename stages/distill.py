@@ -21,7 +21,7 @@ from seed_core.checkpoints import load_canonical, save_canonical
 from seed_core.config import Params, small_patch_size
 from seed_core.data import open_shards, steps_per_epoch, stream_seed
 from seed_core.engine import autocast, seed_step
-from seed_core.io import atomic_dir, sha256_file, write_json
+from seed_core.io import atomic_dir, sha256_file
 from seed_core.models import Encoder, build_head, create_backbone, mlp_layout
 from seed_core.queue import EmbeddingQueue
 from seed_core.resume import CheckpointStore, fingerprint, source_digest

@@ -15,10 +15,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from seed_core import fashion_mnist as fm
-from seed_core.config import DataConfig, flatten, load_params
+from seed_core.config import DataConfig, load_params
 from seed_core.io import atomic_dir, write_json, write_text
+from seed_core.stagekit import setup_logging, tracked
 from seed_core.tsv import write_tsv
-from seed_core.tracking import start_tracking
 
 log = logging.getLogger("stages.fashion_mnist")
 
@@ -56,23 +56,18 @@ def export(data: DataConfig, out_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging()
     args = parse_args(argv)
     params = load_params(args.params)
-    tracker = start_tracking("fashion_mnist", flatten(params), params.mlflow.experiment)
     try:
-        metrics = export(params.data, Path(args.out))
-        write_json(args.metrics, metrics)
-        tracker.log_metrics({f"{split}_samples": metrics[split]["samples"] for split in SPLITS})
+        with tracked("fashion_mnist", params) as tracker:
+            metrics = export(params.data, Path(args.out))
+            write_json(args.metrics, metrics)
+            tracker.log_metrics({f"{split}_samples": metrics[split]["samples"]
+                                 for split in SPLITS})
     except (FileNotFoundError, fm.FashionMnistError, ValueError) as err:
-        tracker.close(failed=True)
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except BaseException:
-        tracker.close(failed=True)
-        raise
-    tracker.close()
     return 0
 
 

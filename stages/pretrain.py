@@ -1,7 +1,7 @@
 """Stage `pretrain`: MoCo-v2 self-supervised pre-training, used twice by the pipeline.
 
-`--role teacher` pre-trains the teacher (`teacher.arch`) when `teacher.checkpoint` is empty;
-`--role baseline` trains the student architecture (`student.arch`) alone: the SSL baseline of the
+`--target teacher` pre-trains the teacher (`teacher.arch`) when `teacher.checkpoint` is empty;
+`--target baseline` trains the student architecture (`student.arch`) alone: the SSL baseline of the
 paper's tables. Launch with torchrun (gloo on CPU, NCCL on GPU). The result is written in the
 canonical form that `stages/teacher.py` and the evaluation stages read.
 """
@@ -49,10 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def role_arch(params: Params, role: str) -> tuple[str, bool]:
+def role_arch(params: Params, role: str) -> tuple[str, bool, int]:
+    """(architecture, small_images, epochs) of what `role` pre-trains."""
     if role == "teacher":
-        return params.teacher.arch, params.teacher.small_images
-    return params.student.arch, params.student.small_images
+        return (params.teacher.arch, params.teacher.small_images,
+                params.pretrain.teacher_epochs or params.pretrain.epochs)
+    return params.student.arch, params.student.small_images, params.pretrain.epochs
 
 
 def build_moco_encoder(arch: str, small_images: bool, hidden_dim: int,
@@ -76,7 +78,7 @@ def write_skipped(args: argparse.Namespace, params: Params) -> None:
 def pretrain(args: argparse.Namespace, params: Params, rt: distributed.Runtime,
              tracker) -> dict:
     cfg, data = params.pretrain, params.data
-    arch, small_images = role_arch(params, args.target)
+    arch, small_images, epochs = role_arch(params, args.target)
     torch.manual_seed(cfg.seed)  # same initial weights and queue on every rank
     query = build_moco_encoder(arch, small_images, cfg.hidden_dim, cfg.embed_dim)
     if rt.world_size > 1:
@@ -88,7 +90,7 @@ def pretrain(args: argparse.Namespace, params: Params, rt: distributed.Runtime,
     model = distributed.wrap_ddp(query, rt)
 
     shards = open_shards(args.shards)
-    schedule = Schedule(cfg.epochs, steps_per_epoch(shards, cfg.batch_size), cfg.batch_size,
+    schedule = Schedule(epochs, steps_per_epoch(shards, cfg.batch_size), cfg.batch_size,
                         cfg.lr, cfg.momentum, cfg.weight_decay, cfg.warmup_epochs)
     config = {"stage": "pretrain", "role": args.target, "arch": arch, "small_images": small_images,
               **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "log_every"},
@@ -102,7 +104,7 @@ def pretrain(args: argparse.Namespace, params: Params, rt: distributed.Runtime,
                       steplog=StepLog(args.curves, LOG_COLUMNS), store=store,
                       precision=cfg.precision)
     log.info("MoCo-v2 %s (%s): %d epochs x %d steps, global batch %d, lr %.4f, %d rank(s) on %s",
-             args.target, arch, cfg.epochs, schedule.steps_per_epoch, cfg.batch_size, schedule.lr,
+             args.target, arch, epochs, schedule.steps_per_epoch, cfg.batch_size, schedule.lr,
              rt.world_size, rt.device)
 
     def step(batch: dict, position, want_stats: bool) -> dict[str, float]:
@@ -120,14 +122,14 @@ def pretrain(args: argparse.Namespace, params: Params, rt: distributed.Runtime,
                   checkpoint_every=max(1, schedule.steps_per_epoch), log_every=cfg.log_every,
                   desc=f"pretrain {args.target}")
     seconds = time.perf_counter() - started
-    summary = {"role": args.target, "arch": arch, "epochs": cfg.epochs,
+    summary = {"role": args.target, "arch": arch, "epochs": epochs,
                "steps": schedule.total_steps, "steps_run": ran,
                "final_loss": run.steplog.rows[-1]["loss"] if run.steplog.rows else None,
                "images_per_s": ran * cfg.batch_size / seconds if seconds > 0 else None,
                "decode_errors": sum(run.decode_errors.values())}
     if rt.is_main:
         meta = {"format": "seed_distill", "arch": arch, "small_images": small_images,
-                "method": "moco_v2", "epochs": cfg.epochs, "source_path": str(args.shards),
+                "method": "moco_v2", "epochs": epochs, "source_path": str(args.shards),
                 "source_sha256": config["shards"]}
         with atomic_dir(args.out) as tmp:
             save_canonical(tmp / "model.safetensors", query.backbone.state_dict(),

@@ -16,10 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-from seed_core.config import flatten, load_params
+from seed_core.config import load_params
 from seed_core.io import write_json
 from seed_core.shards import DEFAULT_SHARD_SIZE, ShardConversionError, convert_tsv_to_shards
-from seed_core.tracking import NullTracker, start_tracking
+from seed_core.stagekit import setup_logging, tracked
 
 log = logging.getLogger("stages.shards")
 
@@ -43,35 +43,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging()
     args = parse_args(argv)
-    if Path(args.params).is_file():
-        params = load_params(args.params)
-        tracker = start_tracking("shards", flatten(params), params.mlflow.experiment)
-    else:  # a standalone conversion of any TSV needs no pipeline configuration
-        tracker = NullTracker()
+    # a standalone conversion of any TSV needs no pipeline configuration (and is not tracked)
+    params = load_params(args.params) if Path(args.params).is_file() else None
     try:
-        start = time.perf_counter()
-        manifest = convert_tsv_to_shards(args.tsv, args.out, shard_size=args.shard_size,
-                                         strict=args.strict, workers=args.workers,
-                                         labelmap=args.labelmap)
-        seconds = time.perf_counter() - start
-        metrics = {"samples": manifest["samples"], "skipped": len(manifest["skipped"]),
-                   "lines": manifest["lines"], "shards": len(manifest["shards"]),
-                   "seconds": round(seconds, 3),
-                   "records_per_s": round(manifest["lines"] / max(seconds, 1e-9), 1)}
-        if args.metrics:
-            write_json(args.metrics, metrics)
-        tracker.log_metrics(metrics)
+        with tracked("shards", params) as tracker:
+            start = time.perf_counter()
+            manifest = convert_tsv_to_shards(args.tsv, args.out, shard_size=args.shard_size,
+                                             strict=args.strict, workers=args.workers,
+                                             labelmap=args.labelmap)
+            seconds = time.perf_counter() - start
+            metrics = {"samples": manifest["samples"], "skipped": len(manifest["skipped"]),
+                       "lines": manifest["lines"], "shards": len(manifest["shards"]),
+                       "seconds": round(seconds, 3),
+                       "records_per_s": round(manifest["lines"] / max(seconds, 1e-9), 1)}
+            if args.metrics:
+                write_json(args.metrics, metrics)
+            tracker.log_metrics(metrics)
     except (ShardConversionError, FileNotFoundError) as err:
-        tracker.close(failed=True)
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except BaseException:
-        tracker.close(failed=True)
-        raise
-    tracker.close()
     return 0
 
 

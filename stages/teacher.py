@@ -22,25 +22,24 @@ empty `teacher.checkpoint` means the pipeline's own pre-trained teacher
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from seed_core.checkpoints import (CheckpointError, convert_checkpoint, encoder_from_states,
                                    known_formats, load_canonical, load_untrusted,
                                    resolve_canonical_file, save_canonical)
-from seed_core.config import ConfigError, Params, flatten, load_params
+from seed_core.config import ConfigError, Params, load_params
 from seed_core.distributed import pick_device
 from seed_core.io import repo_root, sha256_file, write_json
 from seed_core.models import Encoder, create_backbone
-from seed_core.stagekit import setup_logging
-from seed_core.tracking import NullTracker, Tracker, start_tracking
+from seed_core.stagekit import setup_logging, tracked
+from seed_core.tracking import Tracker
 
 log = logging.getLogger("teacher")
 
@@ -202,18 +201,6 @@ def run(args: argparse.Namespace, params: Params | None, tracker: Tracker) -> di
             "seconds": round(time.perf_counter() - started, 3)}
 
 
-@contextlib.contextmanager
-def _tracking(params: Params | None) -> Iterator[Tracker]:
-    tracker = (start_tracking("teacher", flatten(params), params.mlflow.experiment)
-               if params is not None else NullTracker())
-    try:
-        yield tracker
-    except BaseException:
-        tracker.close(failed=True)
-        raise
-    tracker.close()
-
-
 def _load_params(args: argparse.Namespace) -> Params | None:
     """The params file when --from-params is given or it exists (for tracking); else None."""
     if args.from_params or Path(args.params).is_file():
@@ -226,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     try:
         params = _load_params(args)
-        with _tracking(params) as tracker:
+        with tracked("teacher", params) as tracker:
             summary = run(args, params, tracker)
             tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     except (CheckpointError, ConfigError, FileNotFoundError) as err:

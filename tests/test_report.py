@@ -89,6 +89,14 @@ def test_reading_paragraph_weak_teacher_points_at_teacher_settings():
     assert "stem" not in text and "longer teacher" not in text
 
 
+def test_reading_paragraph_weak_teacher_but_student_gain_says_both():
+    text = report.reading_paragraph(summary_of(52.5, 52.0, 54.0), context())
+    assert "Distillation helped" in text and "+2.00 points linear" in text
+    assert "teacher itself is not clearly better than the small baseline (+0.50" in text
+    assert "little to distil" not in text
+    assert "a longer teacher pre-training (it had 8 epochs" in text
+
+
 def test_reading_paragraph_strong_teacher_weak_student_points_at_distillation():
     text = report.reading_paragraph(summary_of(70.0, 52.0, 52.3), context(distill_epochs=5))
     assert "within noise of the baseline" in text
