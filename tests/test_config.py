@@ -101,3 +101,18 @@ def test_small_patch_size_follows_seed_96_of_224() -> None:
     params = parse_params({"data": {"image_size": 32}})
     assert small_patch_size(params.data, params.distill) == 14
     assert small_patch_size(params.data, DistillConfig(small_size=12)) == 12
+
+
+def test_teacher_epochs_default_to_the_baseline_epochs() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stage_pretrain", ROOT / "stages" / "pretrain.py")
+    pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain)
+    same = parse_params({"pretrain": {"epochs": 6}, "teacher": {"arch": "resnet18d"}})
+    assert pretrain.role_arch(same, "teacher") == ("resnet18d", False, 6)
+    longer = parse_params({"pretrain": {"epochs": 6, "teacher_epochs": 12}})
+    assert pretrain.role_arch(longer, "teacher")[2] == 12
+    assert pretrain.role_arch(longer, "baseline") == ("resnet10t", False, 6)
+    with pytest.raises(ConfigError, match=r"'pretrain\.teacher_epochs' must be >= 0"):
+        parse_params({"pretrain": {"teacher_epochs": -1}})

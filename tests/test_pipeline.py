@@ -27,7 +27,7 @@ TINY = {
     "data": {"limit_train": 400, "limit_val": 200, "image_size": 16, "shard_size": 100,
              "workers": 0},
     "teacher": {"verify_samples": 200},
-    "pretrain": {"epochs": 1, "batch_size": 64, "queue_size": 128},
+    "pretrain": {"epochs": 1, "teacher_epochs": 0, "batch_size": 64, "queue_size": 128},
     "distill": {"epochs": 1, "batch_size": 64, "queue_size": 128, "checkpoint_every": 2},
     "features": {"batch_size": 200},
     "knn": {"sweep_k": [5, 10]},
