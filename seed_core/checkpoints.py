@@ -16,8 +16,8 @@ in the safetensors header under the key `seed_distill`, so a lone file describes
 Source layouts are recognised from the checkpoint's own keys (see `known_formats()`); each has
 a small `detect` predicate and an `extract` function returning the backbone and head tensors
 with their prefixes removed. Conversion is strict: a key the arch does not expect, a key it
-lacks, or a shape that differs is an error naming the keys; nothing is ever loaded with
-`strict=False`. Heads are rebuilt from their keys and shapes (see `infer_head_layout`).
+lacks, or a shape that differs is an error naming the keys; nothing is ever loaded
+partially (every `load_state_dict` is strict). Heads are rebuilt from their keys and shapes (see `infer_head_layout`).
 
 Small-image stems: when `small_images` is not given, a ResNet checkpoint whose `conv1` is 3x3
 while the arch's stem is 7x7 is taken as a CIFAR-style stem (3x3 stride 1, no max-pool) and
@@ -676,9 +676,9 @@ def load_untrusted(path: str | Path) -> Any:
         what = f" (it references {found.group(1) or found.group(0)})" if found else ""
         raise CheckpointError(
             f"{path}: refused: unpickling it needs arbitrary code{what}. Nothing from the file "
-            "was executed. To use it, load it yourself in an environment you trust and save the "
-            "weights alone, e.g. `ckpt = torch.load(path, weights_only=False); "
-            "torch.save(ckpt['state_dict'], 'clean.pth')` (or safetensors' save_file), then "
+            "was executed. Only if you trust where it comes from: unpickle it yourself in an "
+            "isolated environment, save its tensors alone (e.g. "
+            "`torch.save(ckpt['state_dict'], 'clean.pth')` or safetensors' save_file), then "
             "pass the clean file") from None
     except (RuntimeError, EOFError, ValueError, OSError) as err:
         raise CheckpointError(f"{path}: not a readable torch checkpoint: {err}") from None
