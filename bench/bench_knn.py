@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from seed_core import evaluation
+from seed_core.evaluation.knn import BANK_CHUNK, TEST_CHUNK, knn_classify, knn_vote
 
 MIB = 1 << 20
 
@@ -29,7 +29,7 @@ def full_matrix_knn(train_features: torch.Tensor, train_labels: torch.Tensor,
     """The textbook version: normalise everything, one (M, N) similarity matrix, one top-k."""
     sims = F.normalize(test_features, dim=1) @ F.normalize(train_features, dim=1).T
     top_sim, top_idx = sims.topk(k, dim=1)
-    return evaluation.knn_vote(top_sim, train_labels[top_idx], temperature, num_classes)
+    return knn_vote(top_sim, train_labels[top_idx], temperature, num_classes)
 
 
 def _status_kib(field: str) -> int | None:
@@ -81,12 +81,12 @@ def main() -> None:
     queries = torch.randn(args.queries, args.dim, generator=g)
     call = (bank, labels, queries, args.k, args.temperature, args.classes)
 
-    chunked, chunked_scores = measure(lambda: evaluation.knn_classify(*call), args.repeats)
+    chunked, chunked_scores = measure(lambda: knn_classify(*call), args.repeats)
     full, full_scores = measure(lambda: full_matrix_knn(*call), args.repeats)
     same = torch.equal(chunked_scores.argmax(1), full_scores.argmax(1))
     del chunked_scores, full_scores
-    test_chunk = min(evaluation.TEST_CHUNK, args.queries)
-    bank_chunk = min(evaluation.BANK_CHUNK, args.bank)
+    test_chunk = min(TEST_CHUNK, args.queries)
+    bank_chunk = min(BANK_CHUNK, args.bank)
     chunked["peak_extra_mib_estimate"] = round(
         4 * test_chunk * (bank_chunk + 2 * args.k) / MIB  # similarity block + merge buffers
         + 4 * bank_chunk * args.dim / MIB  # one normalised bank chunk

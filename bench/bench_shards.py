@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from seed_core.shards import convert_tsv_to_shards
-from seed_core.tsv import write_tsv
+from seed_core.data.convert import convert_tsv_to_shards
+from seed_core.data.tsv import write_tsv
 
 
 def synthetic_rows(records: int, side: int, seed: int):

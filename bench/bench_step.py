@@ -18,10 +18,13 @@ import time
 import torch
 
 from seed_core.distributed import pick_device
-from seed_core.engine import autocast, seed_step
 from seed_core.losses import seed_loss
-from seed_core.models import Encoder, build_head, create_backbone, mlp_layout
+from seed_core.models.backbones import create_backbone
+from seed_core.models.encoder import Encoder
+from seed_core.models.heads import build_head, mlp_layout
+from seed_core.precision import autocast
 from seed_core.queue import EmbeddingQueue
+from seed_core.train.distill import seed_step
 
 
 def encoder(arch: str, out_dim: int) -> Encoder:

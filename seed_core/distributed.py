@@ -118,15 +118,6 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
-def any_true(flag: bool, device: torch.device) -> bool:
-    """True if `flag` is true on any rank (all ranks must call)."""
-    if not is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics cover the global batch of all ranks.
 

@@ -81,6 +81,18 @@ def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
             if v is not None and math.isfinite(float(v))}
 
 
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numbers of a nested metrics dict as `{"holdout.top1": ..}`; lists and text are left out."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, f"{name}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
 class MlflowTracker:
     """A child run of the configuration's parent run (created on first use)."""
 

@@ -17,18 +17,20 @@ import torch
 from safetensors.torch import load_file
 
 from seed_core import distributed
-from seed_core.checkpoints import load_canonical, save_canonical
 from seed_core.config import Params, small_patch_size
-from seed_core.data import open_shards, steps_per_epoch, stream_seed
-from seed_core.engine import autocast, seed_step
+from seed_core.data.loader import open_shards, steps_per_epoch, stream_seed
+from seed_core.data.transforms import MultiView, small_patch_transform, ssl_transform
 from seed_core.io import atomic_dir, sha256_file
-from seed_core.models import Encoder, build_head, create_backbone, mlp_layout
+from seed_core.models.encoder import build_encoder
+from seed_core.precision import autocast
 from seed_core.queue import EmbeddingQueue
-from seed_core.resume import CheckpointStore, fingerprint, source_digest
 from seed_core.stagekit import stage
-from seed_core.steplog import StepLog
-from seed_core.trainer import Schedule, TrainingRun
-from seed_core.transforms import MultiView, small_patch_transform, ssl_transform
+from seed_core.teachers.canonical import load_canonical, save_canonical
+from seed_core.train.curves import StepLog
+from seed_core.train.distill import seed_step
+from seed_core.train.resume import CheckpointStore, fingerprint, source_digest
+from seed_core.train.run import TrainingRun
+from seed_core.train.schedule import Schedule
 
 log = logging.getLogger("distill")
 LOG_COLUMNS = ["step", "epoch", "loss", "lr", "queue_entropy", "agreement"]
@@ -50,13 +52,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-mlflow-model", action="store_true",
                         help="skip logging the student as an MLflow model")
     return parser.parse_args(argv)
-
-
-def build_student(arch: str, small_images: bool, embed_dim: int, hidden_dim: int) -> Encoder:
-    """Student backbone + SEED's MLP head `Linear(d, d) - ReLU - Linear(d, D)` to the teacher's D."""
-    backbone = create_backbone(arch, small_images=small_images)
-    width = backbone.num_features
-    return Encoder(backbone, build_head(mlp_layout(width, hidden_dim or width, embed_dim)))
 
 
 def initial_queue(params: Params, embed_dim: int, cache_path: str | None,
@@ -102,8 +97,8 @@ def distill(args: argparse.Namespace, params: Params, rt: distributed.Runtime, t
     embed_dim = int(teacher_meta["embed_dim"])
 
     torch.manual_seed(cfg.seed)  # same initial student on every rank
-    student = build_student(params.student.arch, params.student.small_images, embed_dim,
-                            cfg.hidden_dim)
+    student = build_encoder(params.student.arch, params.student.small_images, embed_dim,
+                            hidden_dim=cfg.hidden_dim)
     if rt.world_size > 1 and cfg.sync_bn:
         student = distributed.convert_sync_batchnorm(student, rt.device)
     student = student.to(rt.device)

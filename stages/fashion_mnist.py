@@ -14,11 +14,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from seed_core import fashion_mnist as fm
 from seed_core.config import DataConfig, load_params
+from seed_core.data import fashion_mnist as fm
+from seed_core.data.tsv import write_tsv
 from seed_core.io import atomic_dir, write_json, write_text
 from seed_core.stagekit import setup_logging, tracked
-from seed_core.tsv import write_tsv
 
 log = logging.getLogger("stages.fashion_mnist")
 

@@ -21,13 +21,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from seed_core import distributed
-from seed_core.checkpoints import load_canonical
 from seed_core.config import Params
-from seed_core.data import ShardSet, eval_loader, open_shards
-from seed_core.engine import extract_features, merge_by_index
+from seed_core.data.loader import ShardSet, eval_loader, open_shards
+from seed_core.data.transforms import eval_transform
+from seed_core.evaluation.features import extract_features, merge_by_index
 from seed_core.io import atomic_dir, atomic_path, write_json
 from seed_core.stagekit import stage
-from seed_core.transforms import eval_transform
+from seed_core.teachers.canonical import load_canonical
 
 log = logging.getLogger("features")
 SPLITS = ("train", "val")

@@ -14,10 +14,12 @@ from typing import Any
 import torch
 
 from seed_core.config import Params
-from seed_core.evaluation import (holdout_split, knn_classify, knn_neighbors, knn_vote,
-                                  nan_to_none, per_class_accuracy, topk_accuracy)
-from seed_core.report import feature_num_classes, flatten_metrics, load_feature_split
+from seed_core.evaluation.features import feature_num_classes, load_feature_split
+from seed_core.evaluation.knn import knn_classify, knn_neighbors, knn_vote
+from seed_core.evaluation.metrics import nan_to_none, per_class_accuracy, topk_accuracy
+from seed_core.evaluation.splits import holdout_split
 from seed_core.stagekit import stage
+from seed_core.tracking import flatten_metrics
 
 log = logging.getLogger("knn")
 

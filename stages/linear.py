@@ -19,14 +19,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from seed_core.config import Params
-from seed_core.data import ShardSet, TrainStream, open_shards
-from seed_core.engine import autocast
-from seed_core.evaluation import (fit_linear, holdout_split, nan_to_none, per_class_accuracy,
-                                  predict_linear, select_lr, topk_accuracy, train_linear)
-from seed_core.report import feature_num_classes, flatten_metrics, load_feature_split
+from seed_core.data.loader import ShardSet, TrainStream, open_shards
+from seed_core.data.transforms import linear_train_transform
+from seed_core.evaluation.features import feature_num_classes, load_feature_split
+from seed_core.evaluation.linear import fit_linear, predict_linear, select_lr, train_linear
+from seed_core.evaluation.metrics import nan_to_none, per_class_accuracy, topk_accuracy
+from seed_core.evaluation.splits import holdout_split
+from seed_core.precision import autocast
 from seed_core.stagekit import stage
+from seed_core.tracking import flatten_metrics
 from seed_core.tracking import Tracker
-from seed_core.transforms import linear_train_transform
 
 log = logging.getLogger("linear")
 
@@ -106,7 +108,7 @@ def augmented_batches(encoder: nn.Module, shards: ShardSet, params: Params,
 def augmented_trainer(args: argparse.Namespace, params: Params, device: torch.device,
                       train: dict[str, torch.Tensor], fit: torch.Tensor, num_classes: int,
                       tracker: Tracker) -> Callable[[float, bool], nn.Module]:
-    from seed_core.checkpoints import load_canonical
+    from seed_core.teachers.canonical import load_canonical
 
     if not (args.model and args.train_shards):
         raise ValueError("linear.mode 'augmented' needs --model and --train-shards")

@@ -18,18 +18,20 @@ from pathlib import Path
 import torch
 
 from seed_core import distributed
-from seed_core.checkpoints import save_canonical
 from seed_core.config import Params
-from seed_core.data import open_shards, steps_per_epoch
-from seed_core.engine import autocast, moco_step
+from seed_core.data.loader import open_shards, steps_per_epoch
+from seed_core.data.transforms import MultiView, moco_v2_transform
 from seed_core.io import atomic_dir, sha256_file, write_json
-from seed_core.models import Encoder, build_head, create_backbone, mlp_layout
+from seed_core.models.encoder import build_encoder
+from seed_core.precision import autocast
 from seed_core.queue import EmbeddingQueue
-from seed_core.resume import CheckpointStore, fingerprint, source_digest
 from seed_core.stagekit import stage
-from seed_core.steplog import StepLog
-from seed_core.trainer import Schedule, TrainingRun
-from seed_core.transforms import MultiView, moco_v2_transform
+from seed_core.teachers.canonical import save_canonical
+from seed_core.train.curves import StepLog
+from seed_core.train.moco import moco_step
+from seed_core.train.resume import CheckpointStore, fingerprint, source_digest
+from seed_core.train.run import TrainingRun
+from seed_core.train.schedule import Schedule
 
 log = logging.getLogger("pretrain")
 LOG_COLUMNS = ["step", "epoch", "loss", "lr"]
@@ -57,14 +59,6 @@ def role_arch(params: Params, role: str) -> tuple[str, bool, int]:
     return params.student.arch, params.student.small_images, params.pretrain.epochs
 
 
-def build_moco_encoder(arch: str, small_images: bool, hidden_dim: int,
-                       embed_dim: int) -> Encoder:
-    """Backbone + MoCo-v2 MLP head (Linear-ReLU-Linear to `embed_dim`)."""
-    backbone = create_backbone(arch, small_images=small_images)
-    width = backbone.num_features
-    return Encoder(backbone, build_head(mlp_layout(width, hidden_dim or width, embed_dim)))
-
-
 def write_skipped(args: argparse.Namespace, params: Params) -> None:
     """With an external teacher checkpoint there is nothing to pre-train; say so in the outputs."""
     reason = f"teacher.checkpoint is set ({params.teacher.checkpoint}); no pre-training needed"
@@ -80,7 +74,7 @@ def pretrain(args: argparse.Namespace, params: Params, rt: distributed.Runtime,
     cfg, data = params.pretrain, params.data
     arch, small_images, epochs = role_arch(params, args.target)
     torch.manual_seed(cfg.seed)  # same initial weights and queue on every rank
-    query = build_moco_encoder(arch, small_images, cfg.hidden_dim, cfg.embed_dim)
+    query = build_encoder(arch, small_images, cfg.embed_dim, hidden_dim=cfg.hidden_dim)
     if rt.world_size > 1:
         query = distributed.convert_sync_batchnorm(query, rt.device)
     query = query.to(rt.device)

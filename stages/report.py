@@ -13,10 +13,15 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from seed_core import report
 from seed_core.config import Params
-from seed_core.data import open_shards
+from seed_core.data.loader import open_shards
+from seed_core.evaluation.features import load_feature_split
 from seed_core.io import read_json, write_json, write_text
+from seed_core.report.plots import (pca_2d, plot_embeddings, plot_per_class, plot_training_curves,
+                                   relative_to, subsample)
+from seed_core.report.prose import ReadingContext, render_summary_md
+from seed_core.report.readers import read_metrics, read_model_meta, read_training_log, stage_seconds
+from seed_core.report.tables import MODELS, build_summary, summary_metrics
 from seed_core.stagekit import stage
 from seed_core.tracking import Tracker
 
@@ -35,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-meta", default="models/teacher/teacher.json")
     p.add_argument("--baseline-meta", default="models/pretrain/baseline/model.json")
     p.add_argument("--student-meta", default="models/student/model.json")
-    for model in report.MODELS:
+    for model in MODELS:
         p.add_argument(f"--knn-{model}", default=f"metrics/knn_{model}.json")
         p.add_argument(f"--linear-{model}", default=f"metrics/linear_{model}.json")
     p.add_argument("--teacher-features", default="data/features/teacher/val.safetensors")
@@ -60,7 +65,7 @@ def projection_panels(args: argparse.Namespace, seed: int) -> tuple[dict[str, An
     """PCA panels of teacher and student val features on the same subsample, and the number of
     val images. The embeddings (head outputs, the space SEED aligns) are used when both have
     them, else the backbone features."""
-    splits = {name: report.load_feature_split(Path(path).parent, Path(path).stem)
+    splits = {name: load_feature_split(Path(path).parent, Path(path).stem)
               for name, path in (("teacher", args.teacher_features),
                                  ("student", args.student_features))}
     teacher, student = splits["teacher"], splits["student"]
@@ -68,18 +73,18 @@ def projection_panels(args: argparse.Namespace, seed: int) -> tuple[dict[str, An
         raise ValueError(f"{args.teacher_features} and {args.student_features} hold different "
                          f"samples; extract both from the same val shards")
     key = "embeddings" if all("embeddings" in s for s in splits.values()) else "features"
-    rows = report.subsample(teacher["index"].numel(), MAX_POINTS, seed)
+    rows = subsample(teacher["index"].numel(), MAX_POINTS, seed)
     panels = {}
     for name, split in splits.items():
-        xy, ratio = report.pca_2d(split[key][rows])
+        xy, ratio = pca_2d(split[key][rows])
         panels[f"{name}: {key} (PCA, {rows.numel()} val images)"] = (xy, split["labels"][rows],
                                                                      ratio)
     return panels, int(teacher["index"].numel())
 
 
 def reading_context(params: Params, metas: dict[str, dict],
-                    n_test: int) -> report.ReadingContext:
-    return report.ReadingContext(
+                    n_test: int) -> ReadingContext:
+    return ReadingContext(
         n_test=n_test, image_size=params.data.image_size,
         teacher_arch=metas["teacher"].get("arch", params.teacher.arch),
         student_arch=metas["student"].get("arch", params.student.arch),
@@ -93,38 +98,38 @@ def reading_context(params: Params, metas: dict[str, dict],
 
 
 def build(args: argparse.Namespace, params: Params, tracker: Tracker) -> dict[str, Any]:
-    metas = {m: report.read_model_meta(getattr(args, f"{m}_meta")) for m in report.MODELS}
-    knn = {m: report.read_metrics(getattr(args, f"knn_{m}"), f"knn@{m}") for m in report.MODELS}
-    linear = {m: report.read_metrics(getattr(args, f"linear_{m}"), f"linear@{m}")
-              for m in report.MODELS}
-    summary = report.build_summary(knn, linear)
+    metas = {m: read_model_meta(getattr(args, f"{m}_meta")) for m in MODELS}
+    knn = {m: read_metrics(getattr(args, f"knn_{m}"), f"knn@{m}") for m in MODELS}
+    linear = {m: read_metrics(getattr(args, f"linear_{m}"), f"linear@{m}")
+              for m in MODELS}
+    summary = build_summary(knn, linear)
     names = class_names(args)
     plots_dir, out_dir = Path(args.plots_dir), Path(args.out_dir)
     plots = {"training curves": plots_dir / "training_curves.png",
              "per-class accuracy": plots_dir / "per_class_accuracy.png",
              "embedding projection": plots_dir / "embedding_projection.png"}
 
-    logs = {"teacher pre-training": report.read_training_log(args.log_teacher),
-            "baseline pre-training": report.read_training_log(args.log_baseline),
-            "distillation": report.read_training_log(args.log_distill)}
-    report.plot_training_curves(logs, plots["training curves"])
-    report.plot_per_class({kind: {m: metrics[m].get("per_class_top1", []) for m in report.MODELS}
+    logs = {"teacher pre-training": read_training_log(args.log_teacher),
+            "baseline pre-training": read_training_log(args.log_baseline),
+            "distillation": read_training_log(args.log_distill)}
+    plot_training_curves(logs, plots["training curves"])
+    plot_per_class({kind: {m: metrics[m].get("per_class_top1", []) for m in MODELS}
                            for kind, metrics in (("kNN", knn), ("linear", linear))},
                           names, plots["per-class accuracy"])
     panels, n_test = projection_panels(args, params.data.seed)
-    report.plot_embeddings(panels, names, plots["embedding projection"])
+    plot_embeddings(panels, names, plots["embedding projection"])
 
-    seconds = report.stage_seconds(args.metrics_dir, exclude=[args.summary])
-    markdown = report.render_summary_md(
+    seconds = stage_seconds(args.metrics_dir, exclude=[args.summary])
+    markdown = render_summary_md(
         summary, metas, knn, linear, reading_context(params, metas, n_test),
         params.data.holdout_fraction, seconds,
-        {caption: report.relative_to(path, out_dir) for caption, path in plots.items()})
+        {caption: relative_to(path, out_dir) for caption, path in plots.items()})
     write_json(args.summary, summary)
     write_text(out_dir / "summary.md", markdown)
     log.info("summary: %s", summary)
 
-    tracker.log_parent_metrics(report.summary_metrics(summary))
-    tracker.log_metrics({**report.summary_metrics(summary),
+    tracker.log_parent_metrics(summary_metrics(summary))
+    tracker.log_metrics({**summary_metrics(summary),
                          "pipeline_seconds": sum(seconds.values())})
     for path in [*plots.values(), out_dir / "summary.md"]:
         tracker.log_artifact(path)

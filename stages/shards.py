@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from seed_core.config import load_params
+from seed_core.data.convert import DEFAULT_SHARD_SIZE, ShardConversionError, convert_tsv_to_shards
 from seed_core.io import write_json
-from seed_core.shards import DEFAULT_SHARD_SIZE, ShardConversionError, convert_tsv_to_shards
 from seed_core.stagekit import setup_logging, tracked
 
 log = logging.getLogger("stages.shards")

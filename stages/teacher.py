@@ -31,22 +31,24 @@ from typing import Any
 
 import torch
 
-from seed_core.checkpoints import (CheckpointError, convert_checkpoint, encoder_from_states,
-                                   known_formats, load_canonical, load_untrusted,
-                                   resolve_canonical_file, save_canonical)
 from seed_core.config import ConfigError, Params, load_params
 from seed_core.distributed import pick_device
 from seed_core.io import repo_root, sha256_file, write_json
-from seed_core.models import Encoder, create_backbone
+from seed_core.models.encoder import Encoder
 from seed_core.stagekit import setup_logging, tracked
+from seed_core.teachers.canonical import (encoder_from_states, load_canonical,
+                                          resolve_canonical_file, save_canonical)
+from seed_core.teachers.common import CheckpointError
+from seed_core.teachers.convert import convert_checkpoint
+from seed_core.teachers.formats import known_formats
+from seed_core.teachers.untrusted import load_untrusted
+from seed_core.teachers.verify import verify_knn
 from seed_core.tracking import Tracker
 
 log = logging.getLogger("teacher")
 
 PRETRAINED_DIR = "models/pretrain/teacher"
 DEFAULT_IMAGE_SIZE = 32  # without params: the pipeline's default data.image_size
-KNN_K, KNN_T = 20, 0.07  # the usual weighted-kNN headline (InstDisc / DINO)
-HOLDOUT_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -126,40 +128,6 @@ def convert_teacher(settings: Settings) -> tuple[dict, dict, dict[str, Any]]:
                                               settings.small_images)
     meta.update(source_path=str(source), source_sha256=sha256_file(source))
     return backbone, head, meta
-
-
-@torch.no_grad()
-def verify_knn(encoder: Encoder, shards_dir: str | Path, samples: int, image_size: int,
-               device: torch.device | str) -> dict[str, Any]:
-    """Weighted kNN top-1 (%) of the backbone features on a held-out part of the first
-    `samples` training samples, with the same arch randomly initialised and chance beside it.
-    """
-    from seed_core.data import eval_loader, open_shards
-    from seed_core.engine import extract_features
-    from seed_core.evaluation import holdout_split, knn_classify
-    from seed_core.transforms import eval_transform
-
-    device = torch.device(device)
-    num_classes = open_shards(shards_dir).num_classes
-    loader = eval_loader(shards_dir, eval_transform(image_size), 256, workers=0, limit=samples)
-
-    def top1(features_fn) -> tuple[float, int, int]:
-        feats, labels, _ = extract_features(features_fn, loader, device)
-        fit, held = holdout_split(labels, HOLDOUT_FRACTION, seed=0)
-        scores = knn_classify(feats[fit], labels[fit], feats[held], KNN_K, KNN_T, num_classes)
-        correct = (scores.argmax(dim=1).cpu() == labels[held]).float().mean().item()
-        return 100.0 * correct, int(fit.numel()), int(held.numel())
-
-    encoder = encoder.to(device).eval()
-    teacher_top1, n_fit, n_held = top1(encoder.features)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        random_init = create_backbone(encoder.backbone.arch_name, encoder.backbone.small_images)
-    random_top1, _, _ = top1(random_init.to(device).eval())
-    return {"knn_top1": round(teacher_top1, 3), "knn_top1_random_init": round(random_top1, 3),
-            "knn_chance": round(100.0 / num_classes, 3), "knn_k": KNN_K,
-            "knn_temperature": KNN_T, "knn_fit_samples": n_fit, "knn_heldout_samples": n_held,
-            "knn_image_size": image_size}
 
 
 def _check_round_trip(encoder: Encoder, out_dir: Path, image_size: int) -> None:

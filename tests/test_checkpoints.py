@@ -18,11 +18,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from seed_core.checkpoints import (CanonicalCheckpoint, CheckpointError, convert_checkpoint,
-                                   detect_format, infer_head_layout, known_formats,
-                                   load_canonical, load_untrusted, read_canonical_meta,
-                                   save_canonical, save_encoder)
-from seed_core.models import Encoder, build_head, create_backbone, mlp_layout
+from seed_core.models.backbones import create_backbone
+from seed_core.models.encoder import Encoder
+from seed_core.models.heads import build_head, mlp_layout
+from seed_core.teachers.canonical import (load_canonical, read_canonical_meta, save_canonical,
+                                          save_encoder)
+from seed_core.teachers.common import CanonicalCheckpoint, CheckpointError
+from seed_core.teachers.convert import convert_checkpoint
+from seed_core.teachers.formats import detect_format, known_formats
+from seed_core.teachers.heads import infer_head_layout
+from seed_core.teachers.untrusted import load_untrusted
 
 X = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 

@@ -10,8 +10,8 @@ import torch.multiprocessing as mp
 import webdataset as wds
 
 from conftest import free_port, png_bytes, write_tiny_shards
-from seed_core.data import eval_loader, open_shards, steps_per_epoch, train_loader
-from seed_core.transforms import MultiView, eval_transform, moco_v2_transform
+from seed_core.data.loader import eval_loader, open_shards, steps_per_epoch, train_loader
+from seed_core.data.transforms import MultiView, eval_transform, moco_v2_transform
 
 
 def batches(shards, *, start_step=0, workers=0, rank=0, epoch=0, steps=6, batch_size=8,

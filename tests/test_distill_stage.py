@@ -14,8 +14,9 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import write_tiny_shards
-from seed_core.checkpoints import load_canonical, save_canonical
-from seed_core.models import build_head, create_backbone, mlp_layout
+from seed_core.models.backbones import create_backbone
+from seed_core.models.heads import build_head, mlp_layout
+from seed_core.teachers.canonical import load_canonical, save_canonical
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {

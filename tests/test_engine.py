@@ -13,10 +13,14 @@ import torch.multiprocessing as mp
 
 from conftest import free_port
 from seed_core import distributed
-from seed_core.engine import (cosine_with_warmup, merge_by_index, moco_step, scaled_lr,
-                              seed_step)
-from seed_core.models import Encoder, build_head, create_backbone, mlp_layout
+from seed_core.evaluation.features import merge_by_index
+from seed_core.models.backbones import create_backbone
+from seed_core.models.encoder import Encoder
+from seed_core.models.heads import build_head, mlp_layout
 from seed_core.queue import EmbeddingQueue
+from seed_core.train.distill import seed_step
+from seed_core.train.moco import moco_step
+from seed_core.train.schedule import cosine_with_warmup, scaled_lr
 
 GLOBAL_BATCH, STEPS, SIZE = 8, 3, 16
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seed_core import fashion_mnist as fm
+from seed_core.data import fashion_mnist as fm
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DIR = Path(fm.DEFAULT_SOURCE_DIR)

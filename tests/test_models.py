@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seed_core.models import (Encoder, build_head, create_backbone, layout_out_dim, mlp_layout)
+from seed_core.models.backbones import create_backbone
+from seed_core.models.encoder import Encoder
+from seed_core.models.heads import build_head, layout_out_dim, mlp_layout
 
 
 def _meta_shapes(module_fn) -> dict[str, tuple[int, ...]]:

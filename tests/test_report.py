@@ -10,8 +10,18 @@ import pytest
 import torch
 
 from conftest import write_tiny_shards
-from seed_core import report
-from seed_core.evaluation import holdout_split, knn_classify, topk_accuracy
+from seed_core.evaluation.knn import knn_classify
+from seed_core.evaluation.metrics import topk_accuracy
+from seed_core.evaluation.splits import holdout_split
+from seed_core.report.plots import (pca_2d, plot_embeddings, plot_per_class, plot_training_curves,
+                                    subsample)
+from seed_core.report.prose import (ReadingContext, noise_points, reading_paragraph,
+                                    render_summary_md)
+from seed_core.report.readers import read_metrics, read_model_meta, read_training_log, stage_seconds
+from seed_core.report.tables import (MODELS, SUMMARY_KEYS, build_summary, method_label,
+                                     results_table, summary_metrics)
+from seed_core.teachers.canonical import save_encoder
+from seed_core.tracking import flatten_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +35,7 @@ def context(**overrides):
                   teacher_small_images=False, student_small_images=False, teacher_epochs=8,
                   baseline_epochs=8, distill_epochs=8)
     values.update(overrides)
-    return report.ReadingContext(**values)
+    return ReadingContext(**values)
 
 
 def summary_of(teacher, baseline, student):
@@ -38,20 +48,20 @@ def summary_of(teacher, baseline, student):
 
 
 def test_build_summary_has_exact_shape():
-    knn = {m: metrics(50.0 + i, 80.0, k=20) for i, m in enumerate(report.MODELS)}
-    linear = {m: metrics(60.0 + i, 90.0, lr=30.0) for i, m in enumerate(report.MODELS)}
-    summary = report.build_summary(knn, linear)
+    knn = {m: metrics(50.0 + i, 80.0, k=20) for i, m in enumerate(MODELS)}
+    linear = {m: metrics(60.0 + i, 90.0, lr=30.0) for i, m in enumerate(MODELS)}
+    summary = build_summary(knn, linear)
     assert list(summary) == ["teacher", "baseline", "student"]
     assert summary["student"] == {"knn_top1": 52.0, "knn_top5": 80.0, "linear_top1": 62.0,
                                   "linear_top5": 90.0}
-    assert report.summary_metrics(summary)["student.knn_top1"] == 52.0
+    assert summary_metrics(summary)["student.knn_top1"] == 52.0
     del linear["baseline"]["test"]["top5"]
     with pytest.raises(ValueError, match="linear metrics of 'baseline' lack test 'top5'"):
-        report.build_summary(knn, linear)
+        build_summary(knn, linear)
 
 
 def test_flatten_metrics_keeps_numbers_only():
-    flat = report.flatten_metrics({"name": "x", "k": 20, "holdout": {"top1": 1.5,
+    flat = flatten_metrics({"name": "x", "k": 20, "holdout": {"top1": 1.5,
                                    "sweep_top1": {"10": 2.0}}, "per_class_top1": [1, 2],
                                    "ok": True})
     assert flat == {"k": 20.0, "holdout.top1": 1.5, "holdout.sweep_top1.10": 2.0}
@@ -62,7 +72,7 @@ def test_results_table_rows_and_labels():
              "baseline": {"arch": "resnet18", "method": "moco_v2", "epochs": 200},
              "student": {"arch": "resnet18", "method": "seed", "epochs": 200,
                          "teacher_arch": "resnet50"}}
-    table = report.results_table(summary_of(67.4, 52.5, 57.6), metas).splitlines()
+    table = results_table(summary_of(67.4, 52.5, 57.6), metas).splitlines()
     assert table[2].startswith("| Teacher | resnet50 | MoCo-v2 (external checkpoint) | – | "
                                "external | 65.40 |")
     assert "| Baseline (no distillation) | resnet18 | MoCo-v2 | ✗ | 200 |" in table[3]
@@ -70,7 +80,7 @@ def test_results_table_rows_and_labels():
 
 
 def test_reading_paragraph_expected_order():
-    text = report.reading_paragraph(summary_of(67.4, 52.5, 57.6), context())
+    text = reading_paragraph(summary_of(67.4, 52.5, 57.6), context())
     assert "teacher (67.40) > SEED student (57.60) > baseline (52.50)" in text
     assert "Distillation helped" in text and "+5.10 points linear" in text
     assert "ordering the SEED paper reports" in text
@@ -78,19 +88,19 @@ def test_reading_paragraph_expected_order():
 
 
 def test_reading_paragraph_weak_teacher_points_at_teacher_settings():
-    text = report.reading_paragraph(summary_of(50.0, 52.0, 51.0), context())
+    text = reading_paragraph(summary_of(50.0, 52.0, 51.0), context())
     assert "teacher is not clearly better" in text
     assert "a longer teacher pre-training (it had 8 epochs, no more than the baseline)" in text
     assert "wider or deeper teacher than resnet18" in text
     assert "small-image 3x3 stem for 32-px data" in text
     # with the small stem already on and an external teacher, neither is suggested
-    text = report.reading_paragraph(summary_of(50.0, 52.0, 51.0),
+    text = reading_paragraph(summary_of(50.0, 52.0, 51.0),
                                     context(teacher_small_images=True, teacher_epochs=None))
     assert "stem" not in text and "longer teacher" not in text
 
 
 def test_reading_paragraph_weak_teacher_but_student_gain_says_both():
-    text = report.reading_paragraph(summary_of(52.5, 52.0, 54.0), context())
+    text = reading_paragraph(summary_of(52.5, 52.0, 54.0), context())
     assert "Distillation helped" in text and "+2.00 points linear" in text
     assert "teacher itself is not clearly better than the small baseline (+0.50" in text
     assert "little to distil" not in text
@@ -98,26 +108,26 @@ def test_reading_paragraph_weak_teacher_but_student_gain_says_both():
 
 
 def test_reading_paragraph_strong_teacher_weak_student_points_at_distillation():
-    text = report.reading_paragraph(summary_of(70.0, 52.0, 52.3), context(distill_epochs=5))
+    text = reading_paragraph(summary_of(70.0, 52.0, 52.3), context(distill_epochs=5))
     assert "within noise of the baseline" in text
     assert "did not absorb it" in text
     assert "more distillation epochs (distill.epochs = 5)" in text
 
 
 def test_reading_paragraph_noise_depends_on_test_size():
-    small = report.reading_paragraph(summary_of(70.0, 60.0, 65.0), context(n_test=100))
+    small = reading_paragraph(summary_of(70.0, 60.0, 65.0), context(n_test=100))
     assert "within noise of the baseline" in small  # 5 points on 100 images is noise
-    assert report.noise_points(50.0, 100) == pytest.approx(10.0)
+    assert noise_points(50.0, 100) == pytest.approx(10.0)
 
 
 def test_render_summary_md_mentions_holdout_and_compute():
     knn = {m: metrics(50.0, 80.0, k=20, temperature=0.07,
                       holdout={"top1": 51.0, "top5": 81.0, "sweep_top1": {"10": 49.0, "20": 51.0}})
-           for m in report.MODELS}
+           for m in MODELS}
     linear = {m: metrics(60.0, 90.0, lr=30.0, mode="cached", epochs=100,
                          holdout={"top1": 61.0, "top5": 91.0, "lr_top1": {"30": 61.0}})
-              for m in report.MODELS}
-    md = report.render_summary_md(report.build_summary(knn, linear), {}, knn, linear, context(),
+              for m in MODELS}
+    md = render_summary_md(build_summary(knn, linear), {}, knn, linear, context(),
                                   0.1, {"a.json": 60.0, "b.json": 30.0},
                                   {"curves": "../plots/c.png"})
     assert "chosen on a holdout split (10% of train" in md and "computed once" in md
@@ -130,19 +140,19 @@ def test_render_summary_md_mentions_holdout_and_compute():
 
 
 def test_read_training_log(tmp_path):
-    assert report.read_training_log(tmp_path / "missing.csv") is None
+    assert read_training_log(tmp_path / "missing.csv") is None
     (tmp_path / "empty.csv").write_text("step,epoch,loss,lr\n")
-    assert report.read_training_log(tmp_path / "empty.csv") is None
+    assert read_training_log(tmp_path / "empty.csv") is None
     (tmp_path / "ok.csv").write_text("step,epoch,loss,lr,agreement\n"
                                      "0,0,5.0,0.1,\n1,0,4.0,0.1,0.5\n")
-    log = report.read_training_log(tmp_path / "ok.csv")
+    log = read_training_log(tmp_path / "ok.csv")
     assert log["loss"] == [5.0, 4.0] and math.isnan(log["agreement"][0])
     (tmp_path / "bad.csv").write_text("step,loss\n0,1\n")
     with pytest.raises(ValueError, match=r"bad.csv: header .* lacks columns \['epoch', 'lr'\]"):
-        report.read_training_log(tmp_path / "bad.csv")
+        read_training_log(tmp_path / "bad.csv")
     (tmp_path / "text.csv").write_text("step,epoch,loss,lr\n0,0,5,0.1\n1,0,oops,0.1\n")
     with pytest.raises(ValueError, match=r"text.csv:3: column 'loss' is not a number"):
-        report.read_training_log(tmp_path / "text.csv")
+        read_training_log(tmp_path / "text.csv")
 
 
 def test_stage_seconds_sums_stage_files_only(tmp_path):
@@ -151,7 +161,7 @@ def test_stage_seconds_sums_stage_files_only(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"seconds": 1000}))
     (tmp_path / "other.json").write_text(json.dumps({"top1": 3}))
     (tmp_path / "list.json").write_text("[1, 2]")
-    found = report.stage_seconds(tmp_path, exclude=[tmp_path / "summary.json"])
+    found = stage_seconds(tmp_path, exclude=[tmp_path / "summary.json"])
     assert found == {"distill.json": 100.0, "knn_a.json": 2.5}
 
 
@@ -160,16 +170,16 @@ def test_read_model_meta_takes_method_from_a_converted_teachers_source(tmp_path)
     (tmp_path / "teacher.json").write_text(json.dumps({
         "format": "seed_distill", "arch": "resnet18",
         "source_path": str(tmp_path / "model.safetensors")}))
-    meta = report.read_model_meta(tmp_path / "teacher.json")
+    meta = read_model_meta(tmp_path / "teacher.json")
     assert meta["method"] == "moco_v2" and meta["epochs"] == 8
-    assert report.method_label(meta) == "MoCo-v2"
-    assert report.read_model_meta(tmp_path / "absent.json") == {}
+    assert method_label(meta) == "MoCo-v2"
+    assert read_model_meta(tmp_path / "absent.json") == {}
 
 
 def test_read_metrics_names_the_missing_stage(tmp_path):
     with pytest.raises(FileNotFoundError,
                        match=r"knn_student.json: missing; run the `knn@student`"):
-        report.read_metrics(tmp_path / "knn_student.json", "knn@student")
+        read_metrics(tmp_path / "knn_student.json", "knn@student")
 
 
 # ----------------------------------------------------------------------------- PCA
@@ -180,7 +190,7 @@ def test_pca_2d_matches_covariance_eigenvectors():
     basis, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=torch.float64))
     scales = torch.tensor([10.0, 4.0, 1.0, 0.5, 0.2, 0.1], dtype=torch.float64)
     x = (torch.randn(500, 6, generator=g, dtype=torch.float64) * scales) @ basis.T + 3.0
-    xy, ratio = report.pca_2d(x.float())
+    xy, ratio = pca_2d(x.float())
     cov = torch.cov(x.T)
     evals, evecs = torch.linalg.eigh(cov)
     top = evecs[:, [-1, -2]]
@@ -190,27 +200,27 @@ def test_pca_2d_matches_covariance_eigenvectors():
             xy[:, j].double(), expected[:, j], dim=0))) > 0.9999
     torch.testing.assert_close(ratio.double(), (evals[[-1, -2]] / evals.sum()), rtol=1e-4,
                                atol=1e-6)
-    xy2, _ = report.pca_2d(-x.float() + 7)
+    xy2, _ = pca_2d(-x.float() + 7)
     torch.testing.assert_close(xy2.abs(), xy.abs(), rtol=1e-4, atol=1e-4)
     assert xy.shape == (500, 2)
 
 
 def test_subsample_is_deterministic_and_sorted():
-    a, b = report.subsample(1000, 50, 3), report.subsample(1000, 50, 3)
+    a, b = subsample(1000, 50, 3), subsample(1000, 50, 3)
     assert torch.equal(a, b) and a.numel() == 50 and bool((a[1:] > a[:-1]).all())
-    assert torch.equal(report.subsample(10, 50, 3), torch.arange(10))
+    assert torch.equal(subsample(10, 50, 3), torch.arange(10))
 
 
 def test_plots_render_pngs(tmp_path):
     log = {"step": [0, 1, 2], "epoch": [0, 0, 1], "loss": [3, 2, 1], "lr": [0.1, 0.1, 0.01],
            "agreement": [0.1, 0.2, 0.3]}
-    report.plot_training_curves({"teacher pre-training": None, "distillation": log},
+    plot_training_curves({"teacher pre-training": None, "distillation": log},
                                 tmp_path / "curves.png")
-    report.plot_per_class({"kNN": {"teacher": [50.0, None], "student": [40.0, 30.0]}},
+    plot_per_class({"kNN": {"teacher": [50.0, None], "student": [40.0, 30.0]}},
                           ["cat", "dog"], tmp_path / "per_class.png")
     xy = torch.randn(20, 2)
     labels = torch.arange(20) % 3
-    report.plot_embeddings({"t": (xy, labels, torch.tensor([0.5, 0.2])),
+    plot_embeddings({"t": (xy, labels, torch.tensor([0.5, 0.2])),
                             "s": (xy, labels, torch.tensor([0.4, 0.3]))}, None,
                            tmp_path / "proj.png")
     for name in ("curves.png", "per_class.png", "proj.png"):
@@ -236,13 +246,14 @@ linear: {epochs: 3, lrs: [0.01, 0.1], batch_size: 16}
 
 
 def save_stand_in(path, arch="resnet10t", seed=0, **extra):
-    checkpoints = pytest.importorskip("seed_core.checkpoints")
-    from seed_core.models import Encoder, build_head, create_backbone, mlp_layout
+    from seed_core.models.backbones import create_backbone
+    from seed_core.models.encoder import Encoder
+    from seed_core.models.heads import build_head, mlp_layout
 
     torch.manual_seed(seed)
     backbone = create_backbone(arch, small_images=True)
     encoder = Encoder(backbone, build_head(mlp_layout(backbone.num_features, 32, 8)))
-    return checkpoints.save_encoder(path, encoder, **extra)
+    return save_encoder(path, encoder, **extra)
 
 
 @pytest.fixture
@@ -329,7 +340,7 @@ def test_features_knn_linear_report_pipeline(tiny_pipeline, monkeypatch):
     load_stage("report").main(["--val-shards", "val"])
     summary = json.loads(Path("metrics/summary.json").read_text())
     assert {m: sorted(v) for m, v in summary.items()} == {
-        m: sorted(report.SUMMARY_KEYS) for m in ("teacher", "baseline", "student")}
+        m: sorted(SUMMARY_KEYS) for m in ("teacher", "baseline", "student")}
     assert summary["student"]["linear_top1"] == lin["test"]["top1"]
     md = Path("reports/summary.md").read_text()
     assert "| SEED | resnet10t (small-image stem) | SEED | ✓ from resnet10t | 2 |" in md
@@ -347,8 +358,8 @@ def test_linear_augmented_mode_and_holdout_exclusion(tiny_pipeline):
     load_stage("features").main(["--model", models["baseline"], "--train-shards", "train",
                                  "--val-shards", "val", "--out", "feats"])
     linear = load_stage("linear")
-    from seed_core.data import open_shards
-    from seed_core.transforms import linear_train_transform
+    from seed_core.data.loader import open_shards
+    from seed_core.data.transforms import linear_train_transform
 
     # the filtered stream never yields an excluded sample (here: every sample of class 0)
     shards = open_shards("train")

@@ -16,8 +16,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from seed_core import shards
-from seed_core.tsv import write_tsv
+from seed_core.data.convert import (ShardConversionError, ShardWriter, convert_tsv_to_shards,
+                                    decode_image, image_extension, load_manifest, safe_key,
+                                    shard_paths)
+from seed_core.data.tsv import write_tsv
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED_MANIFEST_KEYS = {"samples", "skipped", "num_classes", "shards", "source"}
@@ -43,7 +45,7 @@ def write_lines(path: Path, lines: list[bytes]) -> Path:
 
 
 def read_samples(out_dir: Path) -> list[dict]:
-    urls = shards.shard_paths(out_dir)
+    urls = shard_paths(out_dir)
     return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
 
 
@@ -53,21 +55,21 @@ def good_lines(n: int, fmt: str = "PNG") -> list[bytes]:
 
 def convert(tmp_path: Path, lines: list[bytes], **kwargs) -> dict:
     tsv = write_lines(tmp_path / "in.tsv", lines)
-    return shards.convert_tsv_to_shards(tsv, tmp_path / "out", workers=kwargs.pop("workers", 1),
+    return convert_tsv_to_shards(tsv, tmp_path / "out", workers=kwargs.pop("workers", 1),
                                         **kwargs)
 
 
 # --- safe keys and magic bytes ------------------------------------------------------------
 
 def test_safe_key_keeps_plain_keys():
-    assert shards.safe_key("fmnist_train_000123") == "fmnist_train_000123"
-    assert shards.safe_key("n01440764-10026") == "n01440764-10026"
+    assert safe_key("fmnist_train_000123") == "fmnist_train_000123"
+    assert safe_key("n01440764-10026") == "n01440764-10026"
 
 
 def test_safe_key_escapes_dots_slashes_and_percent_injectively():
     keys = ["n01440764_10026.JPEG", "n01440764_10026_JPEG", "a/b", "a%2Fb", "a b", "caf\u00e9",
             "x.y.z", "x%2Ey.z"]
-    safe = [shards.safe_key(k) for k in keys]
+    safe = [safe_key(k) for k in keys]
     assert safe[0] == "n01440764_10026%2EJPEG" and safe[2] == "a%2Fb" and safe[3] == "a%252Fb"
     assert len(set(safe)) == len(keys)
     assert all("." not in k and "/" not in k for k in safe)
@@ -77,15 +79,15 @@ def test_safe_key_escapes_dots_slashes_and_percent_injectively():
                                       ("GIF", "gif"), ("BMP", "bmp"), ("TIFF", "tiff")])
 def test_image_extension_from_magic_bytes(fmt, ext):
     data = encode(fmt)
-    assert shards.image_extension(data) == ext
-    assert shards.decode_image(data) == ext
+    assert image_extension(data) == ext
+    assert decode_image(data) == ext
 
 
 def test_decode_image_falls_back_to_pil_format_for_unlisted_magic():
     buffer = io.BytesIO()
     Image.new("L", (4, 3)).save(buffer, format="PPM")
-    assert shards.image_extension(buffer.getvalue()) is None
-    assert shards.decode_image(buffer.getvalue()) in {"ppm", "pgm", "pbm", "pnm"}
+    assert image_extension(buffer.getvalue()) is None
+    assert decode_image(buffer.getvalue()) in {"ppm", "pgm", "pbm", "pnm"}
 
 
 # --- round trip ---------------------------------------------------------------------------
@@ -96,10 +98,10 @@ def test_round_trip_is_bit_exact_in_line_order(tmp_path):
             for i, fmt in enumerate(formats)]
     tsv = tmp_path / "train.tsv"
     write_tsv(tsv, rows)
-    manifest = shards.convert_tsv_to_shards(tsv, tmp_path / "out", shard_size=4, workers=2)
+    manifest = convert_tsv_to_shards(tsv, tmp_path / "out", shard_size=4, workers=2)
 
     assert REQUIRED_MANIFEST_KEYS <= set(manifest)
-    assert manifest == shards.load_manifest(tmp_path / "out")
+    assert manifest == load_manifest(tmp_path / "out")
     assert manifest["samples"] == manifest["lines"] == 15 and manifest["skipped"] == []
     assert manifest["num_classes"] == 4
     assert manifest["shards"] == [{"name": f"shard-{i:06d}.tar", "samples": n}
@@ -115,7 +117,7 @@ def test_round_trip_is_bit_exact_in_line_order(tmp_path):
     assert len(samples) == len(rows)
     for number, (sample, (key, label, data)) in enumerate(zip(samples, rows), start=1):
         ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[formats[number - 1]]
-        assert sample["__key__"] == shards.safe_key(key)
+        assert sample["__key__"] == safe_key(key)
         assert sample[ext] == data  # the original encoded bytes, untouched
         assert sample["cls"] == str(label).encode()
         assert json.loads(sample["json"]) == {"key": key, "line": number}
@@ -124,7 +126,7 @@ def test_round_trip_is_bit_exact_in_line_order(tmp_path):
 
 def test_plain_webdataset_decodes_the_samples(tmp_path):
     convert(tmp_path, good_lines(5, "JPEG"))
-    dataset = wds.WebDataset(shards.shard_paths(tmp_path / "out"), shardshuffle=False)
+    dataset = wds.WebDataset(shard_paths(tmp_path / "out"), shardshuffle=False)
     decoded = list(dataset.decode("pil").to_tuple("jpg", "cls"))
     assert [label for _, label in decoded] == [0, 1, 2, 0, 1]
     assert all(image.size == (20, 16) for image, _ in decoded)
@@ -133,8 +135,8 @@ def test_plain_webdataset_decodes_the_samples(tmp_path):
 def test_one_and_two_workers_write_identical_shards(tmp_path):
     lines = good_lines(40) + [b"broken"] + good_lines(3, "JPEG")
     tsv = write_lines(tmp_path / "in.tsv", lines)
-    first = shards.convert_tsv_to_shards(tsv, tmp_path / "one", shard_size=7, workers=1)
-    second = shards.convert_tsv_to_shards(tsv, tmp_path / "two", shard_size=7, workers=2)
+    first = convert_tsv_to_shards(tsv, tmp_path / "one", shard_size=7, workers=1)
+    second = convert_tsv_to_shards(tsv, tmp_path / "two", shard_size=7, workers=2)
     assert first == second
     for entry in first["shards"]:
         assert ((tmp_path / "one" / entry["name"]).read_bytes()
@@ -278,7 +280,7 @@ def test_cli_reports_a_missing_tsv(tmp_path):
 
 def test_strict_function_raises_with_file_and_line(tmp_path):
     lines = good_lines(2) + [b"k\t1"]
-    with pytest.raises(shards.ShardConversionError, match=r"in\.tsv:3: expected 3"):
+    with pytest.raises(ShardConversionError, match=r"in\.tsv:3: expected 3"):
         convert(tmp_path, lines, strict=True, workers=2)
     assert not (tmp_path / "out").exists()
 
@@ -288,17 +290,17 @@ def test_strict_function_raises_with_file_and_line(tmp_path):
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
 @pytest.mark.parametrize("workers", [1, 2])
 def test_interrupted_conversion_leaves_no_output(tmp_path, monkeypatch, error, workers):
-    original_write = shards.ShardWriter.write
+    original_write = ShardWriter.write
 
     def failing_write(self, key, members):
         if len(self.shards) == 1 and self.shards[0]["samples"] == self.shard_size:
             raise error("interrupted after the first shard")
         original_write(self, key, members)
 
-    monkeypatch.setattr(shards.ShardWriter, "write", failing_write)
+    monkeypatch.setattr(ShardWriter, "write", failing_write)
     tsv = write_lines(tmp_path / "in.tsv", good_lines(300))
     with pytest.raises(error, match="interrupted after the first shard"):
-        shards.convert_tsv_to_shards(tsv, tmp_path / "out", shard_size=4, workers=workers)
+        convert_tsv_to_shards(tsv, tmp_path / "out", shard_size=4, workers=workers)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tsv"]  # no out dir, no temp dir
 
 
@@ -309,7 +311,7 @@ def test_failed_conversion_keeps_the_previous_output(tmp_path, monkeypatch):
     def boom(self, key, members):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(shards.ShardWriter, "write", boom)
+    monkeypatch.setattr(ShardWriter, "write", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         convert(tmp_path, good_lines(5))
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
@@ -320,6 +322,6 @@ def test_load_manifest_reports_missing_shards(tmp_path):
     convert(tmp_path, good_lines(3), shard_size=2)
     (tmp_path / "out" / "shard-000001.tar").unlink()
     with pytest.raises(FileNotFoundError, match="shard-000001.tar"):
-        shards.load_manifest(tmp_path / "out")
+        load_manifest(tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="no shard manifest"):
-        shards.load_manifest(tmp_path)
+        load_manifest(tmp_path)

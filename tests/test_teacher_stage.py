@@ -12,9 +12,11 @@ import pytest
 import torch
 import yaml
 
-from seed_core.checkpoints import load_canonical, save_encoder
 from seed_core.io import sha256_file
-from seed_core.models import Encoder, build_head, create_backbone, mlp_layout
+from seed_core.models.backbones import create_backbone
+from seed_core.models.encoder import Encoder
+from seed_core.models.heads import build_head, mlp_layout
+from seed_core.teachers.canonical import load_canonical, save_encoder
 from test_checkpoints import MAKERS, assert_same_encoder, make_moco, resnet18
 
 ROOT = Path(__file__).resolve().parents[1]

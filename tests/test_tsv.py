@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seed_core import tsv
+from seed_core.data.tsv import (TsvFormatError, TsvReader, build_lineidx, iter_lines, iter_rows,
+                                lineidx_path, parse_row, read_lineidx, write_tsv)
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -38,15 +39,15 @@ def rows():
 
 
 def test_lineidx_path_is_where_seed_looks(tmp_path):
-    assert tsv.lineidx_path(tmp_path / "train.tsv") == tmp_path / "train.lineidx"
-    assert tsv.lineidx_path("a/b.c/val.tsv") == tsv.lineidx_path("a/b.c/val.tsv").with_name(
+    assert lineidx_path(tmp_path / "train.tsv") == tmp_path / "train.lineidx"
+    assert lineidx_path("a/b.c/val.tsv") == lineidx_path("a/b.c/val.tsv").with_name(
         "val.lineidx")
 
 
 def test_write_then_read_round_trip(tmp_path, rows):
     path = tmp_path / "train.tsv"
-    assert tsv.write_tsv(path, iter(rows)) == len(rows)
-    with tsv.TsvReader(path) as reader:
+    assert write_tsv(path, iter(rows)) == len(rows)
+    with TsvReader(path) as reader:
         assert len(reader) == len(rows)
         assert [reader[i] for i in range(len(rows))] == rows
         assert reader[-1] == rows[-1]  # negative indices count from the end
@@ -58,16 +59,16 @@ def test_write_then_read_round_trip(tmp_path, rows):
 
 def test_lineidx_holds_the_byte_offset_of_every_line(tmp_path, rows):
     path = tmp_path / "train.tsv"
-    tsv.write_tsv(path, rows)
+    write_tsv(path, rows)
     data = path.read_bytes()
     naive = [0] + [i + 1 for i, byte in enumerate(data) if byte == ord("\n")][:-1]
     assert (tmp_path / "train.lineidx").read_text() == "".join(f"{o}\n" for o in naive)
-    assert tsv.read_lineidx(path).tolist() == naive
+    assert read_lineidx(path).tolist() == naive
 
 
 def test_rows_are_key_label_base64(tmp_path, rows):
     path = tmp_path / "x.tsv"
-    tsv.write_tsv(path, rows[:1])
+    write_tsv(path, rows[:1])
     key, label, b64 = path.read_bytes().rstrip(b"\n").split(b"\t")
     assert (key, label) == (b"fmnist_train_000000", b"9")
     assert base64.b64decode(b64) == rows[0][2]
@@ -75,32 +76,32 @@ def test_rows_are_key_label_base64(tmp_path, rows):
 
 def test_iter_rows_streams_numbered_fields(tmp_path, rows):
     path = tmp_path / "x.tsv"
-    tsv.write_tsv(path, rows)
-    streamed = list(tsv.iter_rows(path))
+    write_tsv(path, rows)
+    streamed = list(iter_rows(path))
     assert [number for number, _ in streamed] == [1, 2, 3, 4, 5]
-    assert [tsv.parse_row(fields) for _, fields in streamed] == rows
+    assert [parse_row(fields) for _, fields in streamed] == rows
 
 
 def test_iter_lines_handles_crlf_and_missing_final_newline(tmp_path):
     path = tmp_path / "x.tsv"
     path.write_bytes(b"a\t1\tQQ==\r\nb\t2\tQQ==")
-    assert list(tsv.iter_lines(path)) == [(1, b"a\t1\tQQ=="), (2, b"b\t2\tQQ==")]
+    assert list(iter_lines(path)) == [(1, b"a\t1\tQQ=="), (2, b"b\t2\tQQ==")]
 
 
 def test_build_lineidx_matches_the_writer(tmp_path, rows):
     path = tmp_path / "x.tsv"
-    tsv.write_tsv(path, rows)
+    write_tsv(path, rows)
     written = (tmp_path / "x.lineidx").read_text()
     (tmp_path / "x.lineidx").unlink()
-    assert tsv.build_lineidx(path) == len(rows)
+    assert build_lineidx(path) == len(rows)
     assert (tmp_path / "x.lineidx").read_text() == written
 
 
 def test_empty_tsv_has_empty_lineidx(tmp_path):
     path = tmp_path / "empty.tsv"
-    assert tsv.write_tsv(path, []) == 0
+    assert write_tsv(path, []) == 0
     assert path.read_bytes() == b"" and (tmp_path / "empty.lineidx").read_text() == ""
-    with tsv.TsvReader(path) as reader:
+    with TsvReader(path) as reader:
         assert len(reader) == 0
 
 
@@ -113,14 +114,14 @@ def test_empty_tsv_has_empty_lineidx(tmp_path):
     ("caf\u00e9", "printable ASCII"),
 ])
 def test_writer_rejects_keys_seed_would_misread(tmp_path, key, message):
-    with pytest.raises(tsv.TsvFormatError, match=message):
-        tsv.write_tsv(tmp_path / "x.tsv", [(key, 0, b"\x89PNG")])
+    with pytest.raises(TsvFormatError, match=message):
+        write_tsv(tmp_path / "x.tsv", [(key, 0, b"\x89PNG")])
 
 
 @pytest.mark.parametrize("label", [-1, "3", 1.0, True])
 def test_writer_rejects_bad_labels(tmp_path, label):
-    with pytest.raises(tsv.TsvFormatError, match="label must be a non-negative int"):
-        tsv.write_tsv(tmp_path / "x.tsv", [("k", label, b"\x89PNG")])
+    with pytest.raises(TsvFormatError, match="label must be a non-negative int"):
+        write_tsv(tmp_path / "x.tsv", [("k", label, b"\x89PNG")])
 
 
 def test_failed_write_leaves_no_files(tmp_path, rows):
@@ -129,33 +130,33 @@ def test_failed_write_leaves_no_files(tmp_path, rows):
         raise RuntimeError("source broke")
 
     with pytest.raises(RuntimeError, match="source broke"):
-        tsv.write_tsv(tmp_path / "x.tsv", failing_rows())
+        write_tsv(tmp_path / "x.tsv", failing_rows())
     assert list(tmp_path.iterdir()) == []
 
 
 def test_failed_rewrite_keeps_the_previous_files(tmp_path, rows):
     path = tmp_path / "x.tsv"
-    tsv.write_tsv(path, rows[:2])
+    write_tsv(path, rows[:2])
     before = path.read_bytes(), (tmp_path / "x.lineidx").read_bytes()
-    with pytest.raises(tsv.TsvFormatError):
-        tsv.write_tsv(path, [rows[2], ("bad\tkey", 0, b"x")])
+    with pytest.raises(TsvFormatError):
+        write_tsv(path, [rows[2], ("bad\tkey", 0, b"x")])
     assert (path.read_bytes(), (tmp_path / "x.lineidx").read_bytes()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.lineidx", "x.tsv"]
 
 
 def test_missing_lineidx_says_how_to_rebuild(tmp_path, rows):
     path = tmp_path / "x.tsv"
-    tsv.write_tsv(path, rows)
+    write_tsv(path, rows)
     (tmp_path / "x.lineidx").unlink()
     with pytest.raises(FileNotFoundError, match=r"x\.lineidx: no line index .*build_lineidx"):
-        tsv.TsvReader(path)
+        TsvReader(path)
 
 
 def test_parse_row_names_the_row_on_errors():
-    with pytest.raises(tsv.TsvFormatError, match="f.tsv: row 3: expected 3 tab-separated columns"):
-        tsv.parse_row([b"k", b"1"], "f.tsv: row 3")
-    with pytest.raises(tsv.TsvFormatError, match="row 4: .*base64"):
-        tsv.parse_row([b"k", b"1", b"@@@"], "row 4")
+    with pytest.raises(TsvFormatError, match="f.tsv: row 3: expected 3 tab-separated columns"):
+        parse_row([b"k", b"1"], "f.tsv: row 3")
+    with pytest.raises(TsvFormatError, match="row 4: .*base64"):
+        parse_row([b"k", b"1", b"@@@"], "row 4")
 
 
 # --- SEED's own reader --------------------------------------------------------------------
@@ -195,7 +196,7 @@ class SeedStyleTsvDataset:
 
 def test_seed_reader_reads_our_files(tmp_path, rows):
     path = tmp_path / "train.tsv"
-    tsv.write_tsv(path, rows)
+    write_tsv(path, rows)
     dataset = SeedStyleTsvDataset(str(path))
     try:
         assert len(dataset) == len(rows)
@@ -220,12 +221,12 @@ def test_seed_reader_reads_our_files(tmp_path, rows):
 
 
 def test_seed_reader_reads_the_fashion_mnist_stage_format(tmp_path):
-    from seed_core import fashion_mnist as fm
+    from seed_core.data import fashion_mnist as fm
 
     images = np.random.default_rng(5).integers(0, 256, (30, 28, 28), dtype=np.uint8)
     labels = np.arange(30) % 10
     path = tmp_path / "val.tsv"
-    tsv.write_tsv(path, fm.iter_records(images, labels, np.arange(30), "test"))
+    write_tsv(path, fm.iter_records(images, labels, np.arange(30), "test"))
     dataset = SeedStyleTsvDataset(str(path))
     try:
         for index in (29, 0, 17):

@@ -1,28 +1,14 @@
-"""Backbones, projection heads and the encoder that joins them (no I/O).
+"""Backbones by name, with the classifier removed: `(B, 3, H, W)` -> pooled features `(B, F)`.
 
-Every backbone comes from timm by name, with the classifier removed, so it maps `(B, 3, H, W)`
-to pooled features `(B, F)`. The wide ResNet-50s of SWAV / SimCLR / VISSL (`resnet50w2`, `w4`,
-`w5`) widen *every* stage including the stem (stem 64w, stage widths 64w..512w, features 2048w)
-and keep torchvision key names; they are not torchvision's `wide_resnet50_2`, which widens only
-the bottleneck's inner convolutions.
-
-A projection head is described by a *layout*, a JSON-able list of layers, so a checkpoint's head
-can be rebuilt from its metadata alone:
-
-    [["linear", 512, 512, true], ["relu"], ["linear", 512, 128, true]]
-
-Entries: `["linear", in, out, bias]`, `["bn", dim, affine]` (BatchNorm1d with running
-statistics), `["relu"]`, `["gelu"]`. `build_head` turns it into an `nn.Sequential` whose
-state-dict keys are `{index}.weight`, `{index}.running_mean`, ...
+Every backbone comes from timm by name. The wide ResNet-50s of SWAV / SimCLR / VISSL
+(`resnet50w2`, `w4`, `w5`) widen *every* stage including the stem (stem 64w, stage widths
+64w..512w, features 2048w) and keep torchvision key names; they are not torchvision's
+`wide_resnet50_2`, which widens only the bottleneck's inner convolutions.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
-
 import timm
-import torch
-import torch.nn.functional as F
 from timm.models.resnet import Bottleneck, ResNet
 from torch import nn
 
@@ -33,7 +19,6 @@ EXAMPLE_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "
                  "resnet50w2", "resnet50w4", "resnet50w5", "efficientnet_b0", "efficientnet_b1",
                  "mobilenetv3_large_100")
 
-Layout = list[list[Any]]
 
 
 def known_arch(arch: str) -> bool:
@@ -116,71 +101,3 @@ def _small_image_stem(model: nn.Module, arch: str) -> None:
         raise ValueError(f"small_images: no known stem (conv1 / conv_stem) in {arch!r}")
 
 
-# ----------------------------------------------------------------------------- heads
-
-
-def mlp_layout(in_dim: int, hidden_dim: int, out_dim: int) -> Layout:
-    """MoCo-v2 / SEED projection MLP: Linear(in, hidden) - ReLU - Linear(hidden, out)."""
-    return [["linear", in_dim, hidden_dim, True], ["relu"], ["linear", hidden_dim, out_dim, True]]
-
-
-def build_head(layout: Sequence[Sequence[Any]]) -> nn.Sequential:
-    """The `nn.Sequential` a layout describes (kept in its `.layout`); errors name the entry."""
-    layers: list[nn.Module] = []
-    for i, entry in enumerate(layout):
-        kind = entry[0] if entry else None
-        args = list(entry[1:])
-        if kind == "linear" and len(args) == 3:
-            layers.append(nn.Linear(int(args[0]), int(args[1]), bias=bool(args[2])))
-        elif kind == "bn" and len(args) == 2:
-            layers.append(nn.BatchNorm1d(int(args[0]), affine=bool(args[1])))
-        elif kind == "relu" and not args:
-            layers.append(nn.ReLU(inplace=True))
-        elif kind == "gelu" and not args:
-            layers.append(nn.GELU())
-        else:
-            raise ValueError(f"head layout entry {i} {list(entry)!r} is not one of "
-                             "['linear', in, out, bias], ['bn', dim, affine], ['relu'], ['gelu']")
-    head = nn.Sequential(*layers)
-    head.layout = [list(entry) for entry in layout]  # so the head can be saved with its layout
-    return head
-
-
-def layout_out_dim(layout: Sequence[Sequence[Any]], in_dim: int) -> int:
-    """Output width of a head layout fed `in_dim` features."""
-    dim = in_dim
-    for entry in layout:
-        if entry[0] == "linear":
-            if int(entry[1]) != dim:
-                raise ValueError(f"head layout {list(entry)!r} expects {entry[1]} inputs, "
-                                 f"gets {dim}")
-            dim = int(entry[2])
-        elif entry[0] == "bn" and int(entry[1]) != dim:
-            raise ValueError(f"head layout {list(entry)!r} expects {entry[1]} inputs, gets {dim}")
-    return dim
-
-
-class Encoder(nn.Module):
-    """Backbone plus optional projection head.
-
-    `forward(x)` gives the L2-normalised embedding `(B, D)` (the head's output, or the backbone
-    features when there is no head); `features(x)` gives the backbone features `(B, F)`.
-    """
-
-    def __init__(self, backbone: nn.Module, head: nn.Module | None = None) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    @property
-    def feature_dim(self) -> int:
-        return int(self.backbone.num_features)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.backbone(x)
-        if self.head is not None:
-            z = self.head(z)
-        return F.normalize(z, dim=1)

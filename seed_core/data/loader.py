@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from seed_core.transforms import decode_image
+from seed_core.data.transforms import decode_image
 
 log = logging.getLogger(__name__)
 

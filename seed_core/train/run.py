@@ -12,37 +12,15 @@ import torch
 from torch import nn
 
 from seed_core import distributed
-from seed_core.data import ShardSet, train_loader
-from seed_core.engine import (build_sgd, cosine_with_warmup, run_epochs, scaled_lr,
-                              uses_grad_scaler)
+from seed_core.data.loader import ShardSet, train_loader
+from seed_core.precision import uses_grad_scaler
 from seed_core.queue import EmbeddingQueue
-from seed_core.resume import CheckpointStore, Position, rng_state, set_rng_state
-from seed_core.steplog import StepLog
+from seed_core.train.curves import StepLog
+from seed_core.train.loop import run_epochs
+from seed_core.train.resume import CheckpointStore, Position, rng_state, set_rng_state
+from seed_core.train.schedule import Schedule, build_sgd, cosine_with_warmup
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Schedule:
-    epochs: int
-    steps_per_epoch: int
-    global_batch: int
-    base_lr: float
-    momentum: float
-    weight_decay: float
-    warmup_epochs: float
-
-    @property
-    def total_steps(self) -> int:
-        return self.epochs * self.steps_per_epoch
-
-    @property
-    def warmup_steps(self) -> int:
-        return int(round(self.warmup_epochs * self.steps_per_epoch))
-
-    @property
-    def lr(self) -> float:
-        return scaled_lr(self.base_lr, self.global_batch)
 
 
 @dataclass

@@ -39,8 +39,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from seed_core.config import DataConfig
+from seed_core.data.tsv import TSV_COLUMNS, split_line
 from seed_core.io import atomic_dir, read_json, write_json
-from seed_core.tsv import TSV_COLUMNS, split_line
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,8 @@ class FashionMnistError(ValueError):
 
 def _read_gz(path: Path) -> bytes:
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"{path.parent}: Fashion-MNIST directory not found; {_INSTALL_HINT}")
+        raise FileNotFoundError(f"{path.parent}: Fashion-MNIST directory not found; "
+                                f"{_INSTALL_HINT}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: Fashion-MNIST file not found; {_INSTALL_HINT}")
     try:
