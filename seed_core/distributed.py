@@ -102,6 +102,27 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return dist_fn.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over the ranks (all must call with the same keys): with equal
+    per-rank batches, the mean of the ranks' batch means is the global-batch mean."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(keys, (t / dist.get_world_size()).tolist()))
+
+
+def gather_to_main(obj: object) -> list | None:
+    """Every rank's `obj`, in rank order, on rank 0 (None elsewhere): one mechanism for merging
+    per-rank results (features, embeddings) that works across nodes without a shared disk."""
+    if not is_initialized():
+        return [obj]
+    out: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def all_gather_objects(obj: object) -> list:
     if not is_initialized():
         return [obj]

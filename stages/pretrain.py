@@ -2,8 +2,9 @@
 
 `--target teacher` pre-trains the teacher (`teacher.arch`) when `teacher.checkpoint` is empty;
 `--target baseline` trains the student architecture (`student.arch`) alone: the SSL baseline of the
-paper's tables. Launch with torchrun (gloo on CPU, NCCL on GPU). The result is written in the
-canonical form that `stages/teacher.py` and the evaluation stages read.
+paper's tables. Launch with torchrun (gloo on CPU, NCCL on GPU); resumable after a crash, also
+with another number of processes. The result is written in the canonical form that
+`stages/teacher.py` and the evaluation stages read.
 """
 
 from __future__ import annotations
@@ -12,36 +13,32 @@ import argparse
 import copy
 import dataclasses
 import logging
-import time
-from pathlib import Path
 
 import torch
 
 from seed_core import distributed
 from seed_core.config import Params
-from seed_core.data.loader import open_shards, steps_per_epoch
+from seed_core.data.shardset import open_shards
 from seed_core.data.transforms import MultiView, moco_v2_transform
-from seed_core.io import atomic_dir, sha256_file, write_json
+from seed_core.io import atomic_dir, write_json
 from seed_core.models.encoder import build_encoder
 from seed_core.precision import autocast
 from seed_core.queue import EmbeddingQueue
 from seed_core.stagekit import stage
-from seed_core.teachers.canonical import save_canonical
 from seed_core.train.curves import StepLog
 from seed_core.train.moco import moco_step
-from seed_core.train.resume import CheckpointStore, fingerprint, source_digest
-from seed_core.train.run import TrainingRun
-from seed_core.train.schedule import Schedule
+from seed_core.train.run import (CURVE_COLUMNS, TrainingRun, checkpoint_store, per_rank_batch,
+                                 place, timed)
+from seed_core.train.schedule import schedule_for
 
 log = logging.getLogger("pretrain")
-LOG_COLUMNS = ["step", "epoch", "loss", "lr"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", choices=["teacher", "baseline"], required=True,
                         help="what to pre-train: the teacher or the student baseline")
-    parser.add_argument("--shards", required=True, help="training shards directory")
+    parser.add_argument("--shards", required=True, help="training shards: directory or URL")
     parser.add_argument("--out", required=True, help="output directory (canonical model)")
     parser.add_argument("--curves", required=True, help="per-step CSV (a DVC plot)")
     parser.add_argument("--metrics", required=True, help="metrics JSON")
@@ -64,7 +61,7 @@ def write_skipped(args: argparse.Namespace, params: Params) -> None:
     reason = f"teacher.checkpoint is set ({params.teacher.checkpoint}); no pre-training needed"
     with atomic_dir(args.out) as tmp:
         write_json(tmp / "skipped.json", {"skipped": True, "reason": reason})
-    StepLog(args.curves, LOG_COLUMNS).write()
+    StepLog(args.curves, CURVE_COLUMNS).write()
     write_json(args.metrics, {"skipped": True, "reason": reason, "seconds": 0.0})
     log.info("skipped: %s", reason)
 
@@ -73,30 +70,27 @@ def pretrain(args: argparse.Namespace, params: Params, rt: distributed.Runtime,
              tracker) -> dict:
     cfg, data = params.pretrain, params.data
     arch, small_images, epochs = role_arch(params, args.target)
+    per_rank_batch(cfg.batch_size, rt.world_size, "pretrain.batch_size")
+    shards = open_shards(args.shards)
+    schedule = schedule_for(cfg, epochs, shards.samples)
+
     torch.manual_seed(cfg.seed)  # same initial weights and queue on every rank
-    query = build_encoder(arch, small_images, cfg.embed_dim, hidden_dim=cfg.hidden_dim)
-    if rt.world_size > 1:
-        query = distributed.convert_sync_batchnorm(query, rt.device)
-    query = query.to(rt.device)
+    query, model = place(build_encoder(arch, small_images, cfg.embed_dim,
+                                       hidden_dim=cfg.hidden_dim), rt)
     key = copy.deepcopy(query).requires_grad_(False)
     queue = EmbeddingQueue(cfg.queue_size, cfg.embed_dim, rt.device)
     queue.fill_random(torch.Generator().manual_seed(cfg.seed))
-    model = distributed.wrap_ddp(query, rt)
-
-    shards = open_shards(args.shards)
-    schedule = Schedule(epochs, steps_per_epoch(shards, cfg.batch_size), cfg.batch_size,
-                        cfg.lr, cfg.momentum, cfg.weight_decay, cfg.warmup_epochs)
-    config = {"stage": "pretrain", "role": args.target, "arch": arch, "small_images": small_images,
-              **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "log_every"},
-              "image_size": data.image_size, "workers": data.workers, "data_seed": data.seed,
-              "shards": sha256_file(Path(args.shards) / "manifest.json"),
-              "world_size": rt.world_size, "code": source_digest()}
-    store = CheckpointStore(args.checkpoint_dir or f"checkpoints/pretrain_{args.target}",
-                            fingerprint(config))
+    config = {"stage": "pretrain", "role": args.target, "arch": arch, "epochs": epochs,
+              "small_images": small_images, "image_size": data.image_size,
+              **{k: v for k, v in dataclasses.asdict(cfg).items()
+                 if k not in ("log_every", "checkpoint_every", "nproc")}}
     run = TrainingRun(runtime=rt, schedule=schedule, saved_modules={"query": query, "key": key},
                       trainable=query, queues={"queue": queue},
-                      steplog=StepLog(args.curves, LOG_COLUMNS), store=store,
-                      precision=cfg.precision)
+                      steplog=StepLog(args.curves, CURVE_COLUMNS),
+                      store=checkpoint_store(args.checkpoint_dir or
+                                             f"checkpoints/pretrain_{args.target}", config,
+                                             shards, __file__),
+                      precision=cfg.precision, max_bad_fraction=data.max_bad_fraction)
     log.info("MoCo-v2 %s (%s): %d epochs x %d steps, global batch %d, lr %.4f, %d rank(s) on %s",
              args.target, arch, epochs, schedule.steps_per_epoch, cfg.batch_size, schedule.lr,
              rt.world_size, rt.device)
@@ -109,28 +103,16 @@ def pretrain(args: argparse.Namespace, params: Params, rt: distributed.Runtime,
                          where=f"pretrain {args.target} epoch {position.epoch} "
                                f"step {position.step}")
 
-    transform = MultiView([moco_v2_transform(data.image_size)] * 2)
-    started = time.perf_counter()
-    ran = run.fit(shards=shards, transform=transform, seed=cfg.seed, workers=data.workers,
-                  step=step, on_metrics=lambda s, m: tracker.log_metrics(m, step=s),
-                  checkpoint_every=max(1, schedule.steps_per_epoch), log_every=cfg.log_every,
-                  desc=f"pretrain {args.target}")
-    seconds = time.perf_counter() - started
-    summary = {"role": args.target, "arch": arch, "epochs": epochs,
-               "steps": schedule.total_steps, "steps_run": ran,
-               "final_loss": run.steplog.rows[-1]["loss"] if run.steplog.rows else None,
-               "images_per_s": ran * cfg.batch_size / seconds if seconds > 0 else None,
-               "decode_errors": sum(run.decode_errors.values())}
-    if rt.is_main:
-        meta = {"format": "seed_distill", "arch": arch, "small_images": small_images,
-                "method": "moco_v2", "epochs": epochs, "source_path": str(args.shards),
-                "source_sha256": config["shards"]}
-        with atomic_dir(args.out) as tmp:
-            save_canonical(tmp / "model.safetensors", query.backbone.state_dict(),
-                           query.head.state_dict(), meta)
-        run.steplog.write()
-        store.clear()
-    distributed.barrier()
+    ran, seconds = timed(lambda: run.fit(
+        shards=shards, transform=MultiView([moco_v2_transform(data.image_size)] * 2),
+        seed=cfg.seed, workers=data.workers, step=step,
+        on_metrics=lambda s, m: tracker.log_metrics(m, step=s),
+        checkpoint_every=cfg.checkpoint_every or schedule.steps_per_epoch, log_every=cfg.log_every,
+        desc=f"pretrain {args.target}"))
+    summary = {"role": args.target, "arch": arch, "epochs": epochs, **run.summary(ran, seconds)}
+    run.finish(query, args.out, {"format": "seed_distill", "arch": arch,
+                                 "small_images": small_images, "method": "moco_v2",
+                                 "epochs": epochs, "source_path": str(args.shards)})
     return summary
 
 

@@ -1,10 +1,13 @@
 """DVC stage `shards`: convert a SEED-format TSV into WebDataset shards.
 
-    python stages/shards.py --tsv FILE --out DIR [--shard-size N] [--strict]
-                            [--workers N] [--labelmap FILE] [--metrics FILE]
+    python stages/shards.py --tsv FILE --out DIR [--shard-size N] [--seed N | --keep-order]
+                            [--max-bad-fraction F] [--strict] [--workers N]
+                            [--labelmap FILE] [--metrics FILE]
 
-Bad records are skipped and listed in DIR/manifest.json; with --strict the first one stops the
-conversion (exit 1, "file:line: reason") and DIR is left untouched.
+Samples are written in a seeded global permutation of the TSV (`--seed`, default 0), so shards
+cut from a class-sorted TSV mix the classes; `--keep-order` keeps the TSV's line order. Bad
+records are skipped and listed in DIR/manifest.json; more than `--max-bad-fraction` of them (or,
+with --strict, any) stop the conversion (exit 1, "file:line: reason") and DIR is left untouched.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import time
 from pathlib import Path
 
 from seed_core.config import load_params
-from seed_core.data.convert import DEFAULT_SHARD_SIZE, ShardConversionError, convert_tsv_to_shards
+from seed_core.data.convert import (DEFAULT_MAX_BAD_FRACTION, DEFAULT_SHARD_SIZE,
+                                    ShardConversionError, convert_tsv_to_shards)
 from seed_core.io import write_json
 from seed_core.stagekit import setup_logging, tracked
 
@@ -30,6 +34,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output directory of shard-NNNNNN.tar")
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
                         help="samples per shard (params: data.shard_size)")
+    order = parser.add_mutually_exclusive_group()
+    order.add_argument("--seed", type=int, default=0,
+                       help="seed of the global permutation the samples are written in")
+    order.add_argument("--keep-order", action="store_true",
+                       help="write the samples in the TSV's line order (no shuffle)")
+    parser.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_BAD_FRACTION,
+                        help="fail when more than this fraction of the lines is bad "
+                             "(params: data.max_bad_fraction)")
     parser.add_argument("--strict", action="store_true",
                         help="fail on the first bad record instead of skipping it")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -50,9 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tracked("shards", params) as tracker:
             start = time.perf_counter()
-            manifest = convert_tsv_to_shards(args.tsv, args.out, shard_size=args.shard_size,
-                                             strict=args.strict, workers=args.workers,
-                                             labelmap=args.labelmap)
+            manifest = convert_tsv_to_shards(
+                args.tsv, args.out, shard_size=args.shard_size, strict=args.strict,
+                workers=args.workers, labelmap=args.labelmap,
+                shuffle_seed=None if args.keep_order else args.seed,
+                max_bad_fraction=args.max_bad_fraction)
             seconds = time.perf_counter() - start
             metrics = {"samples": manifest["samples"], "skipped": len(manifest["skipped"]),
                        "lines": manifest["lines"], "shards": len(manifest["shards"]),

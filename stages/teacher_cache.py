@@ -9,10 +9,10 @@ import logging
 
 from safetensors.torch import save_file
 
-from seed_core import distributed
-from seed_core.data.loader import eval_loader, open_shards
+from seed_core.data.loader import check_bad_fraction, log_bad
+from seed_core.data.shardset import open_shards
 from seed_core.data.transforms import eval_transform
-from seed_core.evaluation.features import extract_features, merge_by_index
+from seed_core.evaluation.extract import extract_split
 from seed_core.io import atomic_dir, write_json
 from seed_core.stagekit import stage
 from seed_core.teachers.canonical import load_canonical
@@ -23,7 +23,7 @@ log = logging.getLogger("teacher_cache")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", required=True, help="canonical teacher (dir or file)")
-    parser.add_argument("--shards", required=True, help="training shards directory")
+    parser.add_argument("--shards", required=True, help="training shards: directory or URL")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--metrics", required=True)
     parser.add_argument("--params", default="params.yaml")
@@ -37,24 +37,23 @@ def main(argv: list[str] | None = None) -> None:
         teacher, meta = load_canonical(args.teacher, device=rt.device)
         teacher.eval()
         shards = open_shards(args.shards)
-        loader = eval_loader(shards, eval_transform(params.data.image_size),
-                             params.features.batch_size, workers=params.data.workers,
-                             rank=rt.rank, world_size=rt.world_size)
-        part = extract_features(teacher, loader, rt.device, params.features.precision,
-                                desc="teacher embeddings")
-        # N x D with D = 128 for MoCo/SWAV heads: gathering objects is fine even for ImageNet
-        embeddings, labels, index = merge_by_index(distributed.all_gather_objects(part))
-        if rt.is_main:
-            skipped = shards.samples - index.numel()
-            with atomic_dir(args.out) as tmp:
-                save_file({"embeddings": embeddings.contiguous(), "labels": labels.contiguous(),
-                           "index": index.contiguous()}, str(tmp / "embeddings.safetensors"))
-                write_json(tmp / "meta.json", {"teacher": meta, "samples": index.numel(),
-                                               "skipped": skipped})
-            log.info("cached %d teacher embeddings of width %d (%d could not be decoded)",
-                     index.numel(), embeddings.shape[1], skipped)
-            ctx.finish(args.metrics, {"samples": index.numel(), "skipped": skipped,
-                                      "embed_dim": embeddings.shape[1]})
+        part = extract_split(teacher, shards, eval_transform(params.data.image_size),
+                             params.features.batch_size, params.data.workers,
+                             params.features.precision, rt, "teacher embeddings")
+        if part is None:
+            return
+        log_bad(part.bad, "teacher_cache")
+        check_bad_fraction(len(part.bad), shards.samples, params.data.max_bad_fraction,
+                           str(shards.root), part.bad)
+        with atomic_dir(args.out) as tmp:
+            save_file({"embeddings": part.features.contiguous(), "labels": part.labels,
+                       "index": part.index}, str(tmp / "embeddings.safetensors"))
+            write_json(tmp / "meta.json", {"teacher": meta, "samples": part.index.numel(),
+                                           "bad_samples": len(part.bad)})
+        log.info("cached %d teacher embeddings of width %d (%d unreadable)",
+                 part.index.numel(), part.features.shape[1], len(part.bad))
+        ctx.finish(args.metrics, {"samples": part.index.numel(), "bad_samples": len(part.bad),
+                                  "embed_dim": part.features.shape[1]})
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seed_core.data.tsv import (TsvFormatError, TsvReader, build_lineidx, iter_lines, iter_rows,
-                                lineidx_path, parse_row, read_lineidx, write_tsv)
+from seed_core.data.tsv import (TsvFormatError, line_offsets, lineidx_path, read_line,
+                                read_lineidx, scan_line_offsets, split_line, write_tsv)
 
 
 def png_bytes(array: np.ndarray) -> bytes:
@@ -47,14 +47,13 @@ def test_lineidx_path_is_where_seed_looks(tmp_path):
 def test_write_then_read_round_trip(tmp_path, rows):
     path = tmp_path / "train.tsv"
     assert write_tsv(path, iter(rows)) == len(rows)
-    with TsvReader(path) as reader:
-        assert len(reader) == len(rows)
-        assert [reader[i] for i in range(len(rows))] == rows
-        assert reader[-1] == rows[-1]  # negative indices count from the end
+    offsets, source = line_offsets(path)
+    assert source == "lineidx" and len(offsets) == len(rows)
+    with open(path, "rb") as f:
         # random access in any order, not only sequential
-        assert reader[3] == rows[3] and reader[0] == rows[0]
-        with pytest.raises(IndexError, match="row 5 out of range"):
-            reader[5]
+        for i in (3, 0, 4, 1, 2):
+            key, label, b64 = split_line(read_line(f, int(offsets[i]), "x").rstrip(b"\n"))
+            assert (key.decode(), int(label), base64.b64decode(b64)) == rows[i]
 
 
 def test_lineidx_holds_the_byte_offset_of_every_line(tmp_path, rows):
@@ -74,35 +73,45 @@ def test_rows_are_key_label_base64(tmp_path, rows):
     assert base64.b64decode(b64) == rows[0][2]
 
 
-def test_iter_rows_streams_numbered_fields(tmp_path, rows):
+def test_offsets_without_lineidx_come_from_one_scan(tmp_path, rows):
     path = tmp_path / "x.tsv"
     write_tsv(path, rows)
-    streamed = list(iter_rows(path))
-    assert [number for number, _ in streamed] == [1, 2, 3, 4, 5]
-    assert [parse_row(fields) for _, fields in streamed] == rows
+    written = read_lineidx(path)
+    (tmp_path / "x.lineidx").unlink()
+    offsets, source = line_offsets(path)
+    assert source == "scan" and offsets.tolist() == written.tolist()
+    assert scan_line_offsets(path, chunk_bytes=7).tolist() == written.tolist()  # chunk seams
 
 
-def test_iter_lines_handles_crlf_and_missing_final_newline(tmp_path):
+def test_scan_handles_crlf_and_missing_final_newline(tmp_path):
     path = tmp_path / "x.tsv"
     path.write_bytes(b"a\t1\tQQ==\r\nb\t2\tQQ==")
-    assert list(iter_lines(path)) == [(1, b"a\t1\tQQ=="), (2, b"b\t2\tQQ==")]
+    assert scan_line_offsets(path).tolist() == [0, 10]
+    with open(path, "rb") as f:
+        assert read_line(f, 10, "x") == b"b\t2\tQQ=="
 
 
-def test_build_lineidx_matches_the_writer(tmp_path, rows):
+def test_an_implausible_lineidx_is_ignored_for_a_scan(tmp_path, rows):
     path = tmp_path / "x.tsv"
     write_tsv(path, rows)
-    written = (tmp_path / "x.lineidx").read_text()
-    (tmp_path / "x.lineidx").unlink()
-    assert build_lineidx(path) == len(rows)
-    assert (tmp_path / "x.lineidx").read_text() == written
+    (tmp_path / "x.lineidx").write_text("5\n3\n")  # not increasing, does not start at 0
+    offsets, source = line_offsets(path)
+    assert source == "scan" and len(offsets) == len(rows)
+
+
+def test_read_line_refuses_an_offset_inside_a_line(tmp_path, rows):
+    path = tmp_path / "x.tsv"
+    write_tsv(path, rows)
+    with open(path, "rb") as f, pytest.raises(TsvFormatError,
+                                              match=r"x.tsv:2: offset 3 is not the start"):
+        read_line(f, 3, f"{path}:2")
 
 
 def test_empty_tsv_has_empty_lineidx(tmp_path):
     path = tmp_path / "empty.tsv"
     assert write_tsv(path, []) == 0
     assert path.read_bytes() == b"" and (tmp_path / "empty.lineidx").read_text() == ""
-    with TsvReader(path) as reader:
-        assert len(reader) == 0
+    assert line_offsets(path)[0].tolist() == []
 
 
 @pytest.mark.parametrize("key, message", [
@@ -142,21 +151,6 @@ def test_failed_rewrite_keeps_the_previous_files(tmp_path, rows):
         write_tsv(path, [rows[2], ("bad\tkey", 0, b"x")])
     assert (path.read_bytes(), (tmp_path / "x.lineidx").read_bytes()) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.lineidx", "x.tsv"]
-
-
-def test_missing_lineidx_says_how_to_rebuild(tmp_path, rows):
-    path = tmp_path / "x.tsv"
-    write_tsv(path, rows)
-    (tmp_path / "x.lineidx").unlink()
-    with pytest.raises(FileNotFoundError, match=r"x\.lineidx: no line index .*build_lineidx"):
-        TsvReader(path)
-
-
-def test_parse_row_names_the_row_on_errors():
-    with pytest.raises(TsvFormatError, match="f.tsv: row 3: expected 3 tab-separated columns"):
-        parse_row([b"k", b"1"], "f.tsv: row 3")
-    with pytest.raises(TsvFormatError, match="row 4: .*base64"):
-        parse_row([b"k", b"1", b"@@@"], "row 4")
 
 
 # --- SEED's own reader --------------------------------------------------------------------

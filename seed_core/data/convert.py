@@ -1,17 +1,24 @@
 """Convert a SEED-format TSV (`key<TAB>label<TAB>base64 image`) into WebDataset tar shards.
 
-Built for ImageNet-size inputs: the TSV is streamed line by line (never loaded whole), the
-decoding/validation of each record runs in a pool of worker processes over chunks of lines with
-a bounded number of chunks in flight (so memory stays flat however large the file), and a single
-writer in the main process appends the records to the shards in TSV line order.
+Built for ImageNet-size inputs. Samples are written in a seeded global permutation of the TSV
+(`shuffle_seed`; None keeps the TSV's order), so a class-sorted TSV gives class-mixed shards:
+lines are read at their byte offsets (the TSV's `.lineidx`, or one scan of the file without it;
+8 bytes per line are held in memory, never the data). The decoding/validation of each record
+runs in a pool of worker processes over chunks of lines with a bounded number of chunks in
+flight, and a single writer in the main process appends the records to the shards.
 
 Each sample of `shard-NNNNNN.tar` holds, under `__key__ = safe_key(tsv key)`:
 - `<ext>`: the original encoded image bytes, unchanged, `ext` detected from the magic bytes;
 - `cls`: the integer label as ASCII digits (the webdataset convention);
 - `json`: `{"key": original key, "line": 1-based TSV line number}`.
 
-Bad records are skipped and listed in `manifest.json` (or, with `strict`, stop the conversion);
-the output directory appears only when the whole conversion succeeded.
+Beside each shard, `shard-NNNNNN.tar.idx.json` lists its samples' original keys, labels and the
+byte offset and size of each image member, so loaders read any sample directly.
+
+Bad records are skipped and listed in `manifest.json`; more than `max_bad_fraction` of them (or,
+with `strict`, any) stop the conversion instead of producing a shrunken dataset. Images are
+checked for size from their header before decoding (`data/images.py`), so an image bomb costs
+nothing. The output directory appears only when the whole conversion succeeded.
 """
 
 from __future__ import annotations
@@ -33,19 +40,21 @@ import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
-from PIL import Image
+import numpy as np
 from tqdm import tqdm
 
 from seed_core.config import DataConfig
-from seed_core.data.tsv import TSV_COLUMNS, split_line
-from seed_core.io import atomic_dir, read_json, write_json
+from seed_core.data.images import ImageError, verify_image
+from seed_core.data.shardset import INDEX_SUFFIX, MANIFEST_NAME, ShardIndex
+from seed_core.data.tsv import TSV_COLUMNS, TsvFormatError, line_offsets, read_line, split_line
+from seed_core.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SHARD_SIZE: int = DataConfig.shard_size
-MANIFEST_NAME = "manifest.json"
+DEFAULT_MAX_BAD_FRACTION = 0.01
 LABELMAP_NAME = "labelmap.txt"
 SHARD_PATTERN = "shard-{:06d}.tar"
 CHUNK_LINES = 64  # lines per worker task: large enough to amortise IPC, small for flat memory
@@ -72,40 +81,6 @@ def safe_key(key: str) -> str:
     if _SAFE_KEY_RE.fullmatch(key):
         return key
     return "".join(chr(b) if b in _SAFE_BYTES else f"%{b:02X}" for b in key.encode("utf-8"))
-
-
-def image_extension(data: bytes) -> str | None:
-    """File extension of an encoded image from its magic bytes, or None if not recognised."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "gif"
-    if data[:2] == b"BM":
-        return "bmp"
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
-        return "tiff"
-    return None
-
-
-def _pil_extension(pil_format: str) -> str:
-    Image.init()
-    for ext, fmt in sorted(Image.EXTENSION.items()):
-        if fmt == pil_format:
-            return ext.lstrip(".")
-    return pil_format.lower()
-
-
-def decode_image(data: bytes) -> str:
-    """Fully decode `data` with PIL (a header check misses truncated pixel data); returns the
-    extension under which the bytes are stored. Raises whatever PIL raises on bad data."""
-    with Image.open(io.BytesIO(data)) as image:
-        pil_format = image.format or ""
-        image.load()
-    return image_extension(data) or _pil_extension(pil_format)
 
 
 def _shorten(text: str) -> str:
@@ -149,9 +124,9 @@ def check_line(line_number: int, line: bytes,
     if not image_bytes:
         return bad("empty image")
     try:
-        ext = decode_image(image_bytes)
-    except Exception as err:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-        return bad(f"not a decodable image ({type(err).__name__}: {err})")
+        ext = verify_image(image_bytes)
+    except ImageError as err:
+        return bad(str(err))
     return _OK, line_number, key, label, ext, image_bytes
 
 
@@ -209,7 +184,8 @@ def checked_records(numbered_lines: Iterable[tuple[int, bytes]], workers: int,
         executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> int:
+    """Append one member; returns the byte offset of its data in the tar file."""
     # fixed metadata: the same TSV always gives byte-identical shards (stable DVC hashes)
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -217,10 +193,13 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.mode = 0o444
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(data))
+    padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    return tar.offset - padded
 
 
 class ShardWriter:
-    """Appends samples to `shard-NNNNNN.tar` files in `out_dir`, `shard_size` per shard."""
+    """Appends samples to `shard-NNNNNN.tar` files in `out_dir`, `shard_size` per shard, and
+    writes each shard's index sidecar (`shard-NNNNNN.tar.idx.json`) when the shard is done."""
 
     def __init__(self, out_dir: str | Path, shard_size: int) -> None:
         if shard_size < 1:
@@ -229,28 +208,40 @@ class ShardWriter:
         self.shard_size = shard_size
         self.shards: list[dict[str, Any]] = []
         self._tar: tarfile.TarFile | None = None
+        self._index: dict[str, list] = {}
 
-    def write(self, key: str, members: dict[str, bytes]) -> None:
-        """Add one sample: `members` maps extension -> bytes, stored as `<key>.<ext>`."""
+    def write(self, key: str, label: int, ext: str, image: bytes, meta: dict[str, Any]) -> None:
+        """Add one sample under `__key__ = safe_key(key)`: the image, its label, its metadata."""
         if self._tar is None or self.shards[-1]["samples"] == self.shard_size:
             self._next_shard()
-        for ext, data in members.items():
-            _add_member(self._tar, f"{key}.{ext}", data)
+        name = safe_key(key)
+        offset = _add_member(self._tar, f"{name}.{ext}", image)
+        _add_member(self._tar, f"{name}.cls", str(label).encode("ascii"))
+        _add_member(self._tar, f"{name}.json", json.dumps(meta).encode("utf-8"))
+        for column, value in (("keys", key), ("labels", label), ("exts", ext),
+                              ("offsets", offset), ("sizes", len(image))):
+            self._index[column].append(value)
         self.shards[-1]["samples"] += 1
 
     def _next_shard(self) -> None:
         self._close_tar()
         name = SHARD_PATTERN.format(len(self.shards))
         self._tar = tarfile.open(self.out_dir / name, "w", format=tarfile.PAX_FORMAT)
-        self.shards.append({"name": name, "samples": 0})
+        self.shards.append({"name": name, "samples": 0, "index": name + INDEX_SUFFIX})
+        self._index = {column: [] for column in ("keys", "labels", "exts", "offsets", "sizes")}
 
     def _close_tar(self) -> None:
         if self._tar is not None:
             self._tar.close()
             self._tar = None
+            index = ShardIndex(tuple(self._index["keys"]),
+                               *(np.array(self._index[c], dtype=np.int64)
+                                 for c in ("labels", "offsets", "sizes")))
+            write_json(self.out_dir / self.shards[-1]["index"],
+                       index.to_json(self._index["exts"]))
 
     def close(self) -> list[dict[str, Any]]:
-        """Finish the last shard; returns `[{"name": ..., "samples": n}, ...]`."""
+        """Finish the last shard; returns `[{"name", "samples", "index"}, ...]`."""
         self._close_tar()
         return self.shards
 
@@ -267,20 +258,42 @@ def read_labelmap(path: str | Path) -> list[str]:
     return names
 
 
-def _hashed_lines(stream: BinaryIO, digest: Any,
-                  counts: dict[str, int]) -> Iterator[tuple[int, bytes]]:
-    # hash while streaming: one pass over an ImageNet-size file instead of two
-    for number, line in enumerate(stream, start=1):
-        digest.update(line)
-        counts["bytes"] += len(line)
-        counts["lines"] = number
-        yield number, line.rstrip(b"\r\n")
+def _permuted_lines(tsv_path: Path, offsets: np.ndarray, order: np.ndarray, digest: Any,
+                    read: dict[str, int]) -> Iterator[tuple[int, bytes]]:
+    """`(1-based line number, line without its ending)` in `order`, read at their offsets.
+
+    Hashes the lines in the order they are written (`records_sha256`: the same TSV and seed
+    always give the same digest) and counts the bytes, so a `.lineidx` that misses lines shows.
+    """
+    where = str(tsv_path)
+    with open(tsv_path, "rb") as stream:
+        for position, line_index in enumerate(order.tolist()):
+            try:
+                line = read_line(stream, int(offsets[line_index]), f"{where}:{line_index + 1}")
+            except TsvFormatError as err:
+                raise ShardConversionError(str(err)) from None
+            digest.update(line)
+            read["bytes"] += len(line)
+            read["lines"] = position + 1
+            yield line_index + 1, line.rstrip(b"\r\n")
+
+
+def check_bad_rows(tsv_path: Path, skipped: list[dict[str, Any]], lines: int,
+                   max_bad_fraction: float) -> None:
+    """Fail rather than produce a dataset shrunk by more than `max_bad_fraction` of bad rows."""
+    if lines and len(skipped) > max_bad_fraction * lines:
+        first = skipped[0]
+        raise ShardConversionError(
+            f"{tsv_path}: {len(skipped)} of {lines} lines are bad ({100 * len(skipped) / lines:.2f}"
+            f"%), more than --max-bad-fraction {max_bad_fraction:g}; nothing was written. Fix the "
+            f"input (first bad: line {first['line']}: {first['reason']}) or raise the threshold")
 
 
 def convert_tsv_to_shards(tsv_path: str | Path, out_dir: str | Path,
                           shard_size: int = DEFAULT_SHARD_SIZE, strict: bool = False,
-                          workers: int | None = None,
-                          labelmap: str | Path | None = None) -> dict[str, Any]:
+                          workers: int | None = None, labelmap: str | Path | None = None,
+                          shuffle_seed: int | None = 0,
+                          max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION) -> dict[str, Any]:
     """Convert one SEED TSV into WebDataset shards in `out_dir` (replaced atomically).
 
     Args:
@@ -290,6 +303,9 @@ def convert_tsv_to_shards(tsv_path: str | Path, out_dir: str | Path,
         strict: stop at the first bad record (`ShardConversionError` naming file:line).
         workers: decoding processes; None = every CPU; <= 1 decodes in this process.
         labelmap: class names file; labels must then be < its number of lines.
+        shuffle_seed: seed of the global permutation the samples are written in; None keeps
+            the TSV's line order.
+        max_bad_fraction: fail when more than this fraction of the lines is bad.
 
     Returns:
         The manifest written to `out_dir/manifest.json`.
@@ -299,24 +315,28 @@ def convert_tsv_to_shards(tsv_path: str | Path, out_dir: str | Path,
         raise FileNotFoundError(f"{tsv_path}: no such TSV file")
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if not 0.0 <= max_bad_fraction < 1.0:
+        raise ValueError(f"max_bad_fraction must be in [0, 1), got {max_bad_fraction}")
     workers = (os.cpu_count() or 1) if workers is None else workers
     if labelmap is None and (tsv_path.parent / LABELMAP_NAME).is_file():
         labelmap = tsv_path.parent / LABELMAP_NAME
     class_names = read_labelmap(labelmap) if labelmap is not None else None
 
+    start = time.perf_counter()
+    offsets, offsets_from = line_offsets(tsv_path)
+    order = (np.arange(len(offsets)) if shuffle_seed is None
+             else np.random.default_rng(shuffle_seed).permutation(len(offsets)))
     skipped: list[dict[str, Any]] = []
     extensions: collections.Counter = collections.Counter()
+    class_counts: collections.Counter = collections.Counter()
     seen_keys: dict[str, int] = {}
-    max_label = -1
     lines = 0
     digest, read = hashlib.sha256(), {"bytes": 0, "lines": 0}
-    start = time.perf_counter()
     with atomic_dir(out_dir) as tmp_dir:
-        with open(tsv_path, "rb") as stream, \
-                contextlib.closing(checked_records(
-                    _hashed_lines(stream, digest, read), workers,
-                    len(class_names) if class_names else None)) as results, \
-                tqdm(desc=tsv_path.name, unit="rec", unit_scale=True,
+        with contextlib.closing(checked_records(
+                _permuted_lines(tsv_path, offsets, order, digest, read), workers,
+                len(class_names) if class_names else None)) as results, \
+                tqdm(desc=tsv_path.name, unit="rec", unit_scale=True, total=len(offsets),
                      disable=not sys.stderr.isatty()) as bar:
             writer = ShardWriter(tmp_dir, shard_size)
             try:
@@ -327,7 +347,7 @@ def convert_tsv_to_shards(tsv_path: str | Path, out_dir: str | Path,
                         _, line, key, label, ext, image_bytes = result
                         if key in seen_keys:
                             result = (_BAD, line, _shorten(
-                                f"duplicate key {key!r} (first on line {seen_keys[key]})"))
+                                f"duplicate key {key!r} (also on line {seen_keys[key]})"))
                     if result[0] == _BAD:
                         _, line, reason = result
                         if strict:
@@ -335,31 +355,39 @@ def convert_tsv_to_shards(tsv_path: str | Path, out_dir: str | Path,
                         skipped.append({"line": line, "reason": reason})
                         continue
                     seen_keys[key] = line
-                    writer.write(safe_key(key), {
-                        ext: image_bytes,
-                        "cls": str(label).encode("ascii"),
-                        "json": json.dumps({"key": key, "line": line}).encode("utf-8"),
-                    })
+                    writer.write(key, label, ext, image_bytes, {"key": key, "line": line})
                     extensions[ext] += 1
-                    max_label = max(max_label, label)
+                    class_counts[label] += 1
             finally:
                 shards = writer.close()
         written = sum(shard["samples"] for shard in shards)
-        if not read["lines"] == lines == written + len(skipped):
+        size = tsv_path.stat().st_size
+        if read["bytes"] != size:
             raise ShardConversionError(
-                f"{tsv_path}: internal error: {read['lines']} lines read, {lines} checked, "
-                f"but {written} written + {len(skipped)} skipped")
+                f"{tsv_path}: its .lineidx covers {read['bytes']} of the file's {size} bytes "
+                f"(a stale index); delete {tsv_path.with_suffix('.lineidx').name} and convert "
+                f"again (the TSV is then scanned)")
+        if not read["lines"] == lines == written + len(skipped) == len(offsets):
+            raise ShardConversionError(
+                f"{tsv_path}: internal error: {len(offsets)} lines indexed, {read['lines']} read, "
+                f"{lines} checked, but {written} written + {len(skipped)} skipped")
+        skipped.sort(key=lambda entry: entry["line"])
+        check_bad_rows(tsv_path, skipped, lines, max_bad_fraction)
+        num_classes = len(class_names) if class_names else max(class_counts, default=-1) + 1
         manifest: dict[str, Any] = {
             "format": "webdataset",
             "samples": written,
             "lines": lines,
             "skipped": skipped,
-            "num_classes": len(class_names) if class_names else max_label + 1,
+            "num_classes": num_classes,
+            "class_counts": [class_counts.get(c, 0) for c in range(num_classes)],
             "shards": shards,
             "shard_size": shard_size,
+            "order": ({"shuffled": False} if shuffle_seed is None
+                      else {"shuffled": True, "seed": shuffle_seed}),
             "extensions": dict(sorted(extensions.items())),
-            "source": {"path": str(tsv_path), "bytes": read["bytes"],
-                       "sha256": digest.hexdigest()},
+            "source": {"path": str(tsv_path), "bytes": size, "lines": len(offsets),
+                       "offsets_from": offsets_from, "records_sha256": digest.hexdigest()},
         }
         if class_names:
             manifest["class_names"] = class_names
@@ -376,33 +404,7 @@ def _log_summary(tsv_path: Path, out_dir: str | Path, manifest: dict[str, Any],
     if len(manifest["skipped"]) > 20:
         log.warning("... %d more skipped lines listed in %s", len(manifest["skipped"]) - 20,
                     Path(out_dir) / MANIFEST_NAME)
-    if manifest["samples"] == 0:
-        log.warning("%s: no valid record: the shards directory is empty", tsv_path)
-    log.info("%s -> %s: %d lines, %d samples written in %d shards, %d skipped; %.1f s, "
+    log.info("%s -> %s: %d lines, %d samples written in %d shards (%s), %d skipped; %.1f s, "
              "%.0f records/s", tsv_path, out_dir, manifest["lines"], manifest["samples"],
-             len(manifest["shards"]), len(manifest["skipped"]), seconds,
-             manifest["lines"] / max(seconds, 1e-9))
-
-
-def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
-    """Read `shard_dir/manifest.json` and check that every listed shard exists."""
-    shard_dir = Path(shard_dir)
-    path = shard_dir / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no shard manifest; convert the TSV first "
-                                f"(python stages/shards.py --tsv FILE --out {shard_dir})")
-    manifest = read_json(path)
-    missing_keys = {"samples", "skipped", "num_classes", "shards", "source"} - set(manifest)
-    if missing_keys:
-        raise ShardConversionError(f"{path}: manifest lacks {sorted(missing_keys)}")
-    missing = [s["name"] for s in manifest["shards"] if not (shard_dir / s["name"]).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{shard_dir}: shards listed in the manifest are missing: "
-                                f"{', '.join(missing[:5])}")
-    return manifest
-
-
-def shard_paths(shard_dir: str | Path) -> list[str]:
-    """The shard files of a converted directory, in sample order (for `wds.WebDataset`)."""
-    shard_dir = Path(shard_dir)
-    return [str(shard_dir / s["name"]) for s in load_manifest(shard_dir)["shards"]]
+             len(manifest["shards"]), "shuffled" if manifest["order"]["shuffled"] else "TSV order",
+             len(manifest["skipped"]), seconds, manifest["lines"] / max(seconds, 1e-9))

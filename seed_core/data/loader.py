@@ -1,305 +1,267 @@
-"""Loading WebDataset shards for training (DDP, resumable) and evaluation (each sample once).
+"""Training and evaluation loaders over a `ShardSet`: map-style reads at byte offsets.
 
-Training: each rank runs exactly `steps` batches per epoch whatever the shard sizes, so no rank
-waits in a collective for another that ran out of data (uneven shards deadlock DDP otherwise).
-Every random choice (shard order, shuffle buffer, each sample's augmentation) is derived from
-(seed, epoch, rank, logical worker, sample number), so an epoch can be re-entered at any step
-and produce the same batches: that is what exact resume after a crash needs.
+Training (`train_loader`, and `training_batches` for a span of epochs): each rank gets its part
+of every global batch as `data/order.py` defines it, so an epoch is one pass over the data
+across all ranks and loader workers, and the global batches are the same for any world size or
+worker count. Each sample's augmentation is seeded by (seed, epoch, key), never by rank or
+worker. A resumed epoch starts at its step without reading the samples before it.
 
-Evaluation: shards are dealt to ranks and workers without overlap, in file order, and every
-sample carries its global index (its position in the TSV after skipped lines), so features
-gathered from all ranks can be put back in one stable order.
+A sample that cannot be read or decoded (a truncated shard, a corrupt image) is replaced by the
+next readable sample of the epoch order, so every batch keeps its size (collectives need equal
+shapes); each replacement is counted in the batch's `bad` list and the caller decides when too
+many is fatal (`check_bad_fraction`).
+
+Evaluation (`eval_loader`): every sample once, in index order, split into contiguous parts by
+rank; unreadable samples are left out and counted.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import random
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from seed_core.data.transforms import decode_image
+from seed_core.data.images import ImageError, decode_image
+from seed_core.data.order import EpochPlan, epoch_order, stream_seed
+from seed_core.data.shardset import SampleReader, SampleReadError, ShardSet
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm")
+MAX_REPLACEMENTS = 64  # consecutive unreadable samples before the shards are declared broken
+Transform = Callable[[torch.Tensor], Any]
 
 
-@dataclass(frozen=True)
-class ShardSet:
-    """A directory of shards described by its `manifest.json`."""
+class TooManyBadSamples(RuntimeError):
+    """More unreadable samples than the allowed fraction."""
 
-    root: Path
-    names: tuple[str, ...]
-    counts: tuple[int, ...]
-    num_classes: int
-    class_names: tuple[str, ...] | None = None
+
+def check_bad_fraction(bad: int, seen: int, max_fraction: float, where: str,
+                       examples: Sequence[str] = ()) -> None:
+    """Raise `TooManyBadSamples` when `bad / seen` exceeds `max_fraction`."""
+    if seen and bad > max_fraction * seen:
+        shown = "; ".join(examples[:3])
+        raise TooManyBadSamples(
+            f"{where}: {bad} of {seen} samples ({100 * bad / seen:.2f}%) could not be read, more "
+            f"than the allowed {100 * max_fraction:g}% (data.max_bad_fraction); repair or "
+            f"re-create the shards. First: {shown}")
+
+
+def seeded(fn: Callable[[], Any], seed: int) -> Any:
+    """`fn()` with torch's global generator seeded by `seed`; the caller's state is restored,
+    so a loader in the main process (workers=0) leaves the training RNG untouched."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return fn()
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def _collate_views(views: Sequence[Any]) -> Any:
+    if isinstance(views[0], (list, tuple)):
+        return [torch.stack(v) for v in zip(*views)]
+    return torch.stack(list(views))
+
+
+class _Samples(Dataset):
+    """Decoding of samples by global index, with one `SampleReader` per process."""
+
+    def __init__(self, shards: ShardSet, transform: Transform) -> None:
+        self.shards, self.transform = shards, transform
+        self.index = shards.index  # built here, so forked workers inherit it
+        self._reader: SampleReader | None = None
+
+    def decode(self, i: int) -> torch.Tensor:
+        if self._reader is None:
+            self._reader = SampleReader(self.shards)
+        return decode_image(self._reader.read(i))
+
+    def __len__(self) -> int:
+        return self.shards.samples
+
+    def __getitem__(self, item: Any) -> Any:
+        raise NotImplementedError
+
+
+class TrainSamples(_Samples):
+    """Item `(epoch, position)` -> `(views, label, key, bad)` for that position of the epoch
+    order; `bad` lists the unreadable samples replaced on the way. With `subset` (sample
+    indices), epochs run over those samples only."""
+
+    def __init__(self, shards: ShardSet, transform: Transform, seed: int,
+                 subset: np.ndarray | None = None) -> None:
+        super().__init__(shards, transform)
+        self.seed = seed
+        self.subset = None if subset is None else np.asarray(subset, dtype=np.int64)
+        self._orders: dict[int, np.ndarray] = {}
 
     @property
     def samples(self) -> int:
-        return sum(self.counts)
+        return self.shards.samples if self.subset is None else len(self.subset)
 
-    @property
-    def paths(self) -> list[str]:
-        return [str(self.root / name) for name in self.names]
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            order = epoch_order(self.samples, self.seed, epoch)
+            self._orders = {epoch: order if self.subset is None else self.subset[order]}
+        return self._orders[epoch]
 
-    def offsets(self) -> list[int]:
-        """Global index of each shard's first sample."""
-        out, total = [], 0
-        for count in self.counts:
-            out.append(total)
-            total += count
-        return out
-
-
-def open_shards(root: str | Path) -> ShardSet:
-    """Read `root/manifest.json` (written by stages/shards.py)."""
-    root = Path(root)
-    manifest_path = root / "manifest.json"
-    if not manifest_path.exists():
-        raise FileNotFoundError(
-            f"{manifest_path}: no shard manifest; create the shards with "
-            f"`python stages/shards.py --tsv FILE --out {root}`")
-    manifest = json.loads(manifest_path.read_text())
-    shards = manifest.get("shards")
-    if not shards:
-        raise ValueError(f"{manifest_path}: lists no shards (every record was skipped?)")
-    names = tuple(s["name"] for s in shards)
-    counts = tuple(int(s["samples"]) for s in shards)
-    missing = [n for n in names if not (root / n).exists()]
-    if missing:
-        raise FileNotFoundError(f"{root}: shards listed in manifest.json are missing: {missing[:3]}")
-    class_names = manifest.get("class_names")
-    return ShardSet(root=root, names=names, counts=counts,
-                    num_classes=int(manifest["num_classes"]),
-                    class_names=tuple(class_names) if class_names else None)
-
-
-def stream_seed(*parts: int | str) -> int:
-    """A 63-bit seed from any tuple; stable across processes and Python runs (unlike hash())."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def _image_bytes(sample: dict[str, Any]) -> bytes:
-    for ext in IMAGE_EXTENSIONS:
-        if ext in sample:
-            return sample[ext]
-    raise KeyError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')} has no image "
-                   f"member (members: {sorted(k for k in sample if not k.startswith('__'))})")
-
-
-def _read_shard(path: str, errors: list[str]) -> Iterator[dict[str, Any]]:
-    """Raw samples of one tar shard; unreadable parts are recorded in `errors`, not raised."""
-    from webdataset.tariterators import tarfile_samples
-
-    def handler(exn: Exception) -> bool:
-        errors.append(f"{path}: {exn}")
-        return True
-
-    yield from tarfile_samples(iter([{"url": path}]), handler=handler)
-
-
-def _decode(sample: dict[str, Any]) -> tuple[torch.Tensor, int]:
-    return decode_image(_image_bytes(sample)), int(sample["cls"])
-
-
-def _collate(items: Sequence[tuple[Any, int]]) -> dict[str, Any]:
-    views, labels = zip(*items)
-    if isinstance(views[0], (list, tuple)):
-        image: Any = [torch.stack(v) for v in zip(*views)]
-    else:
-        image = torch.stack(views)
-    return {"image": image, "label": torch.tensor(labels, dtype=torch.long)}
-
-
-class TrainStream(IterableDataset):
-    """Batches for one rank and epoch; see the module docstring for the determinism contract.
-
-    Logical worker `l` produces the steps `i` with `i % W == l`. DataLoader worker `p` plays
-    logical worker `(p + start_step) % W`, so the loader's round-robin yields steps in order
-    even when resuming in the middle of an epoch.
-    """
-
-    def __init__(self, shards: ShardSet, transform: Callable[[torch.Tensor], Any],
-                 batch_size: int, *, seed: int, epoch: int, rank: int, steps: int,
-                 start_step: int = 0, workers: int = 1, shuffle_buffer: int = 2000) -> None:
-        super().__init__()
-        if start_step > steps:
-            raise ValueError(f"start_step {start_step} is beyond the epoch's {steps} steps")
-        self.shards, self.transform, self.batch_size = shards, transform, batch_size
-        self.seed, self.epoch, self.rank = seed, epoch, rank
-        self.steps, self.start_step = steps, start_step
-        self.workers = max(1, workers)
-        self.shuffle_buffer = shuffle_buffer
-
-    def _logical_worker(self) -> int:
-        info = get_worker_info()
-        physical = info.id if info is not None else 0
-        return (physical + self.start_step) % self.workers
-
-    def _steps_of(self, logical: int) -> tuple[int, int]:
-        """(batches already done before start_step, batches to produce) for a logical worker."""
-        def owned_before(n: int) -> int:
-            return n // self.workers + (1 if logical < n % self.workers else 0)
-
-        done = owned_before(self.start_step)
-        return done, owned_before(self.steps) - done
-
-    def _raw_stream(self, logical: int, errors: list[str]) -> Iterator[dict[str, Any]]:
-        """Endless raw samples: shards in a fresh random order on every pass, then shuffled."""
-        rng = random.Random(stream_seed("train", self.seed, self.epoch, self.rank, logical))
-        order = list(range(len(self.shards.names)))
-        buffer: list[dict[str, Any]] = []
-        while True:
-            rng.shuffle(order)
-            produced = 0
-            for index in order:
-                for sample in _read_shard(self.shards.paths[index], errors):
-                    produced += 1
-                    if len(buffer) < self.shuffle_buffer:
-                        buffer.append(sample)
-                        continue
-                    slot = rng.randrange(len(buffer))
-                    buffer[slot], sample = sample, buffer[slot]
-                    yield sample
-            if produced == 0:
-                raise RuntimeError(f"{self.shards.root}: no readable sample in any shard "
-                                   f"({errors[:3]})")
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        logical = self._logical_worker()
-        done, todo = self._steps_of(logical)
-        errors: list[str] = []
-        decode_errors = 0
-        stream = self._raw_stream(logical, errors)
-        generator = torch.random.default_generator
-        number = 0  # decoded samples of this logical worker in this epoch
-        skip = done * self.batch_size
-        batch: list[tuple[Any, int]] = []
-        produced = 0
-        while produced < todo:
-            sample = next(stream)
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Any, int, str, list[str]]:
+        epoch, position = item
+        order = self.order(epoch)
+        bad: list[str] = []
+        for attempt in range(MAX_REPLACEMENTS):
+            i = int(order[(position + attempt) % len(order)])
             try:
-                image, label = _decode(sample)
-            except Exception as exn:  # a corrupt record costs one sample, not the run
-                decode_errors += 1
-                errors.append(f"{sample.get('__url__')}:{sample.get('__key__')}: {exn}")
-                continue
-            number += 1
-            if number <= skip:
-                continue
-            # one seed per sample: the augmentation does not depend on what ran before it
-            generator.manual_seed(stream_seed("aug", self.seed, self.epoch, self.rank, logical,
-                                              number))
-            batch.append((self.transform(image), label))
-            if len(batch) == self.batch_size:
-                out = _collate(batch)
-                out["decode_errors"] = decode_errors
-                out["worker"] = logical
-                yield out
-                batch = []
-                produced += 1
-        for message in errors[:10]:
-            log.warning("skipped unreadable sample: %s", message)
+                image = self.decode(i)
+                break
+            except (SampleReadError, ImageError) as err:
+                bad.append(f"{self.index.key(i)}: {err}")
+        else:
+            raise TooManyBadSamples(f"{self.shards.root}: {MAX_REPLACEMENTS} consecutive samples "
+                                    f"of the epoch order are unreadable ({bad[:2]}); re-create "
+                                    f"the shards")
+        key = self.index.key(i)
+        views = seeded(lambda: self.transform(image), stream_seed("augment", self.seed, epoch, key))
+        return views, int(self.index.labels[i]), key, bad
 
 
-def steps_per_epoch(shards: ShardSet, global_batch: int) -> int:
-    """Full global batches in one pass over the data (the last partial batch is dropped)."""
-    steps = shards.samples // global_batch
-    if steps < 1:
-        raise ValueError(f"{shards.root}: {shards.samples} samples cannot fill one global batch "
-                         f"of {global_batch}; lower the batch size or use more data")
-    return steps
+def collate_train(items: Sequence[tuple[Any, int, str, list[str]]]) -> dict[str, Any]:
+    views, labels, keys, bad = zip(*items)
+    worker = get_worker_info()  # collation runs where the batch is built
+    return {"image": _collate_views(views), "label": torch.tensor(labels, dtype=torch.long),
+            "key": list(keys), "bad": [message for part in bad for message in part],
+            "worker": worker.id if worker is not None else None}
 
 
-def train_loader(shards: ShardSet, transform: Callable[[torch.Tensor], Any], batch_size: int, *,
-                 seed: int, epoch: int, rank: int, steps: int, start_step: int = 0,
-                 workers: int = 1, shuffle_buffer: int = 2000) -> DataLoader:
-    """Exactly `steps - start_step` batches of `batch_size` (per rank) for one epoch.
+class StepSampler(Sampler):
+    """This rank's `(epoch, position)` lists, step after step, from `start` to `stop` (each an
+    `(epoch, step)` pair; `stop` excluded)."""
 
-    Each batch is `{"image": (B,3,S,S) or [views...], "label": (B,), "decode_errors": int,
-    "worker": int}`; decode_errors counts this worker's skipped samples so far in the epoch.
+    def __init__(self, plan: EpochPlan, rank: int, start: tuple[int, int],
+                 stop: tuple[int, int]) -> None:
+        self.plan, self.rank, self.start, self.stop = plan, rank, start, stop
+
+    def steps(self) -> Iterator[tuple[int, int]]:
+        epoch, step = self.start
+        while (epoch, step) < self.stop:
+            yield epoch, step
+            epoch, step = (epoch + 1, 0) if step + 1 == self.plan.steps else (epoch, step + 1)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for epoch, step in self.steps():
+            yield [(epoch, p) for p in self.plan.positions(step, self.rank)]
+
+    def __len__(self) -> int:
+        (e0, s0), (e1, s1) = self.start, self.stop
+        return max(0, (e1 - e0) * self.plan.steps + s1 - s0)
+
+
+def _data_loader(dataset: Dataset, sampler: Sampler, collate: Callable, workers: int
+                 ) -> DataLoader:
+    # a private generator: creating the loader's iterator must not draw from the global RNG
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                      prefetch_factor=4 if workers else None, persistent_workers=False,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def training_batches(shards: ShardSet, transform: Transform, batch_size: int, *, seed: int,
+                     rank: int, world_size: int, start: tuple[int, int], stop: tuple[int, int],
+                     workers: int = 1, subset: np.ndarray | None = None) -> DataLoader:
+    """Batches of this rank from step `start` to `stop` (`(epoch, step)` pairs), across epochs,
+    with one set of loader workers for the whole span (no start-up cost per epoch). With
+    `subset`, epochs run over those sample indices only (e.g. all but a holdout split)."""
+    samples = TrainSamples(shards, transform, seed, subset)
+    plan = EpochPlan(samples.samples, batch_size * world_size, world_size)
+    if not (0 <= start[1] <= plan.steps and 0 <= stop[1] <= plan.steps):
+        raise ValueError(f"steps {start} -> {stop} outside an epoch of {plan.steps} steps")
+    return _data_loader(samples, StepSampler(plan, rank, start, stop), collate_train, workers)
+
+
+def train_loader(shards: ShardSet, transform: Transform, batch_size: int, *, seed: int,
+                 epoch: int, rank: int, world_size: int, steps: int, start_step: int = 0,
+                 workers: int = 1) -> DataLoader:
+    """Exactly `steps - start_step` batches of `batch_size` samples (per rank) of one epoch.
+
+    Each batch is `{"image": (B, 3, S, S) or [views], "label": (B,) long, "key": [B TSV keys],
+    "bad": [messages of unreadable samples replaced], "worker": loader worker id or None}`.
+    `steps` may be at most the epoch's `steps_per_epoch(shards, batch_size * world_size)`.
     """
-    dataset = TrainStream(shards, transform, batch_size, seed=seed, epoch=epoch, rank=rank,
-                          steps=steps, start_step=start_step, workers=workers,
-                          shuffle_buffer=shuffle_buffer)
-    return DataLoader(dataset, batch_size=None, num_workers=workers,
-                      persistent_workers=False, prefetch_factor=2 if workers else None)
+    plan = EpochPlan(shards.samples, batch_size * world_size, world_size)
+    if not 0 <= start_step <= steps <= plan.steps:
+        raise ValueError(f"steps {start_step}..{steps} outside the epoch's {plan.steps} steps "
+                         f"({shards.samples} samples, global batch {plan.global_batch})")
+    return training_batches(shards, transform, batch_size, seed=seed, rank=rank,
+                            world_size=world_size, start=(epoch, start_step),
+                            stop=(epoch, steps), workers=workers)
 
 
-class EvalStream(IterableDataset):
-    """Every sample of the shards exactly once across ranks and workers, with its global index."""
+# ----------------------------------------------------------------------------- evaluation
 
-    def __init__(self, shards: ShardSet, transform: Callable[[torch.Tensor], Any],
-                 batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 limit: int | None = None) -> None:
-        super().__init__()
-        self.shards, self.transform, self.batch_size = shards, transform, batch_size
-        self.rank, self.world_size = rank, world_size
-        self.limit = shards.samples if limit is None else min(limit, shards.samples)
 
-    def _my_shards(self) -> list[int]:
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        offsets = self.shards.offsets()
-        wanted = [i for i, off in enumerate(offsets) if off < self.limit]
-        mine = wanted[self.rank::self.world_size]
-        return mine[worker::workers]
+class EvalSamples(_Samples):
+    """Item `i` -> `(image, label, i, key, error)`; an unreadable sample has image None."""
+
+    def __getitem__(self, i: int) -> tuple[Any, int, int, str, str | None]:
+        key = self.index.key(i)
+        try:
+            image = self.transform(self.decode(i))
+        except (SampleReadError, ImageError) as err:
+            return None, -1, i, key, f"{key}: {err}"
+        return image, int(self.index.labels[i]), i, key, None
+
+
+def collate_eval(items: Sequence[tuple[Any, int, int, str, str | None]]) -> dict[str, Any]:
+    good = [item for item in items if item[4] is None]
+    out: dict[str, Any] = {"bad": [item[4] for item in items if item[4] is not None],
+                           "index": torch.tensor([item[2] for item in good], dtype=torch.long),
+                           "label": torch.tensor([item[1] for item in good], dtype=torch.long),
+                           "key": [item[3] for item in good]}
+    out["image"] = _collate_views([item[0] for item in good]) if good else None
+    return out
+
+
+class EvalBatches:
+    """Iterates the evaluation batches that hold a sample; collects the unreadable ones."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.bad: list[str] = []
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        offsets = self.shards.offsets()
-        errors: list[str] = []
-        items: list[tuple[Any, int]] = []
-        indices: list[int] = []
-        decode_errors = 0
-        for shard in self._my_shards():
-            position = -1
-            for position, sample in enumerate(_read_shard(self.shards.paths[shard], errors)):
-                index = offsets[shard] + position
-                if index >= self.limit:
-                    break
-                try:
-                    image, label = _decode(sample)
-                except Exception as exn:
-                    decode_errors += 1
-                    errors.append(f"{sample.get('__url__')}:{sample.get('__key__')}: {exn}")
-                    continue
-                items.append((self.transform(image), label))
-                indices.append(index)
-                if len(items) == self.batch_size:
-                    yield self._batch(items, indices, decode_errors)
-                    items, indices = [], []
-            if position + 1 < self.shards.counts[shard] and offsets[shard] + position + 1 < \
-                    self.limit:
-                errors.append(f"{self.shards.paths[shard]}: ended after {position + 1} of "
-                              f"{self.shards.counts[shard]} samples")
-        if items:
-            yield self._batch(items, indices, decode_errors)
-        for message in errors[:10]:
-            log.warning("evaluation sample skipped: %s", message)
+        self.bad = []
+        for batch in self.loader:
+            self.bad.extend(batch.pop("bad"))
+            if batch["image"] is not None:
+                yield batch
 
-    @staticmethod
-    def _batch(items: list, indices: list[int], decode_errors: int) -> dict[str, Any]:
-        out = _collate(items)
-        out["index"] = torch.tensor(indices, dtype=torch.long)
-        out["decode_errors"] = decode_errors
-        return out
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
-def eval_loader(shards_dir: str | Path | ShardSet, transform: Callable[[torch.Tensor], Any],
-                batch_size: int, workers: int = 0, limit: int | None = None, *, rank: int = 0,
-                world_size: int = 1) -> DataLoader:
-    """Batches `{"image", "label", "index"}` covering this rank's share of the first `limit`
-    samples (all by default); the shares of all ranks partition the data."""
-    shards = shards_dir if isinstance(shards_dir, ShardSet) else open_shards(shards_dir)
-    dataset = EvalStream(shards, transform, batch_size, rank=rank, world_size=world_size,
-                         limit=limit)
-    return DataLoader(dataset, batch_size=None, num_workers=workers,
-                      prefetch_factor=2 if workers else None)
+def rank_range(samples: int, rank: int, world_size: int) -> range:
+    """Rank `rank`'s contiguous part of `range(samples)`; the parts partition it."""
+    return range(samples * rank // world_size, samples * (rank + 1) // world_size)
+
+
+def eval_loader(shards: ShardSet, transform: Transform, batch_size: int, workers: int = 0,
+                limit: int | None = None, *, rank: int = 0, world_size: int = 1) -> EvalBatches:
+    """Batches `{"image", "label", "index", "key"}` of this rank's part of the first `limit`
+    samples (all by default), in index order; the parts of all ranks partition them."""
+    samples = shards.samples if limit is None else min(limit, shards.samples)
+    mine = rank_range(samples, rank, world_size)
+    batches = [list(mine[i:i + batch_size]) for i in range(0, len(mine), batch_size)]
+    return EvalBatches(_data_loader(EvalSamples(shards, transform), batches, collate_eval,
+                                    workers))
+
+
+def log_bad(bad: Iterable[str], what: str, limit: int = 10) -> int:
+    """Log the first unreadable samples; returns how many there were."""
+    bad = list(bad)
+    for message in bad[:limit]:
+        log.warning("%s: unreadable sample skipped: %s", what, message)
+    if len(bad) > limit:
+        log.warning("%s: ... and %d more unreadable samples", what, len(bad) - limit)
+    return len(bad)

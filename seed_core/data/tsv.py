@@ -11,10 +11,9 @@ path unchanged: ASCII, printable, no tab, no surrounding whitespace.
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO, Iterable
 
 import numpy as np
 
@@ -78,96 +77,58 @@ def split_line(line: bytes) -> list[bytes]:
     return [field.strip() for field in line.split(b"\t")]
 
 
-def iter_lines(tsv_path: str | Path, stream: BinaryIO | None = None) -> Iterator[tuple[int, bytes]]:
-    """Stream `(line_number, raw line)` pairs; numbers are 1-based, the line ending is removed.
-
-    Args:
-        tsv_path: the TSV file (used for opening and in messages).
-        stream: an already open binary stream to read instead of opening `tsv_path`.
-    """
-    with contextlib.ExitStack() as stack:
-        f = stream if stream is not None else stack.enter_context(open(tsv_path, "rb"))
-        for number, line in enumerate(f, start=1):
-            yield number, line.rstrip(b"\r\n")
-
-
-def iter_rows(tsv_path: str | Path) -> Iterator[tuple[int, list[bytes]]]:
-    """Stream `(line_number, raw fields)` without loading the file; fields are stripped bytes."""
-    for number, line in iter_lines(tsv_path):
-        yield number, split_line(line)
-
-
-def parse_row(fields: list[bytes], where: str = "") -> tuple[str, int, bytes]:
-    """`(key, label, encoded image bytes)` of one row's fields (SEED: label = column 2, image =
-    last column)."""
-    prefix = f"{where}: " if where else ""
-    if len(fields) != TSV_COLUMNS:
-        raise TsvFormatError(f"{prefix}expected {TSV_COLUMNS} tab-separated columns (key, label, "
-                             f"base64 image), got {len(fields)}")
-    try:
-        label = int(fields[1])
-        image_bytes = base64.b64decode(fields[-1], validate=True)
-    except ValueError as err:  # binascii.Error is a ValueError
-        raise TsvFormatError(f"{prefix}{err}") from None
-    return fields[0].decode("utf-8", errors="replace"), label, image_bytes
-
-
 def read_lineidx(tsv_path: str | Path) -> np.ndarray:
     """Byte offsets `(N,)` int64 of every line of `tsv_path`, from its `.lineidx`."""
     path = lineidx_path(tsv_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no line index beside {tsv_path}; rebuild it with "
-                                f"seed_core.tsv.build_lineidx({str(tsv_path)!r})")
     try:
         return np.array(path.read_text(encoding="ascii").split(), dtype=np.int64)
     except (ValueError, UnicodeDecodeError) as err:
         raise TsvFormatError(f"{path}: not one integer offset per line ({err})") from None
 
 
-def build_lineidx(tsv_path: str | Path) -> int:
-    """(Re)write the `.lineidx` of an existing TSV by scanning it; returns the line count."""
-    count = 0
-    with atomic_path(lineidx_path(tsv_path)) as tmp, open(tmp, "w", encoding="ascii") as idx:
-        offset = 0
-        with open(tsv_path, "rb") as tsv:
-            for line in tsv:
-                idx.write(f"{offset}\n")
-                offset += len(line)
-                count += 1
-    return count
+def scan_line_offsets(tsv_path: str | Path, chunk_bytes: int = 1 << 24) -> np.ndarray:
+    """Byte offsets `(N,)` int64 of every line, found by reading the file once (no index)."""
+    starts = [np.zeros(1, dtype=np.int64)]
+    position = 0
+    with open(tsv_path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            newlines = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10)
+            starts.append(newlines.astype(np.int64) + position + 1)
+            position += len(chunk)
+    offsets = np.concatenate(starts)
+    return offsets[offsets < position]  # a line starts after every newline but the last
 
 
-class TsvReader:
-    """Random access to the rows of a SEED TSV through its `.lineidx`.
+def line_offsets(tsv_path: str | Path) -> tuple[np.ndarray, str]:
+    """Byte offsets of every line and where they came from ("lineidx" or "scan").
 
-    Use as a context manager (or call `close()`); `len(reader)` is the number of rows.
+    The `.lineidx` is used when it exists and is plausible (starts at 0, strictly increasing,
+    inside the file); the reader still checks every line against it (`read_line`). Without one,
+    or with an implausible one, the TSV is scanned once.
     """
+    size = os.path.getsize(tsv_path)
+    if lineidx_path(tsv_path).is_file():
+        offsets = read_lineidx(tsv_path)
+        plausible = (offsets.size == 0 and size == 0) or (
+            offsets.size > 0 and offsets[0] == 0 and bool(np.all(np.diff(offsets) > 0))
+            and int(offsets[-1]) < size)
+        if plausible:
+            return offsets, "lineidx"
+    return scan_line_offsets(tsv_path), "scan"
 
-    def __init__(self, tsv_path: str | Path) -> None:
-        self.path = Path(tsv_path)
-        self.offsets = read_lineidx(self.path)
-        self._file: BinaryIO = open(self.path, "rb")
 
-    def __len__(self) -> int:
-        return len(self.offsets)
+def read_line(stream: BinaryIO, offset: int, where: str) -> bytes:
+    """The whole raw line that starts at `offset` (with its line ending).
 
-    def fields(self, index: int) -> list[bytes]:
-        """Raw stripped fields of row `index` (0-based)."""
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"{self.path}: row {index} out of range ({len(self)} rows)")
-        self._file.seek(int(self.offsets[index]))
-        return split_line(self._file.readline().rstrip(b"\r\n"))
-
-    def __getitem__(self, index: int) -> tuple[str, int, bytes]:
-        """`(key, label, encoded image bytes)` of row `index`."""
-        row = index if index >= 0 else index + len(self)
-        return parse_row(self.fields(index), f"{self.path}: row {row}")
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> "TsvReader":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    Raises `TsvFormatError` when `offset` is not the start of a line (a stale `.lineidx`): the byte
+    before it must be a newline.
+    """
+    if offset > 0:
+        stream.seek(offset - 1)
+        if stream.read(1) != b"\n":
+            raise TsvFormatError(f"{where}: offset {offset} is not the start of a line; the "
+                                 f".lineidx does not match the TSV: delete it (the converter then "
+                                 f"scans the file) or rewrite it")
+    else:
+        stream.seek(0)
+    return stream.readline()

@@ -1,6 +1,6 @@
-"""Frozen-model features: extraction over an evaluation loader, merging ranks' shares, and the
-feature files (`{split}.safetensors`: `features` (N, F), `labels` (N,), `index` (N,)) that
-`stages/features.py` writes and the kNN / linear stages read."""
+"""Frozen-model features: the extraction loop over any evaluation loader, merging parts by
+sample index, and the feature files (`{split}.safetensors`: `features` (N, F), `labels` (N,),
+`index` (N,)) that `stages/features.py` writes and the kNN / linear stages read."""
 
 from __future__ import annotations
 
@@ -56,8 +56,6 @@ def merge_by_index(parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     return feats[order], labels[order], index
 
 
-
-
 def check_feature_tensors(tensors: Mapping[str, torch.Tensor], where: str,
                           require: Sequence[str] = FEATURE_KEYS) -> None:
     """Raise naming `where` unless `tensors` hold consistent features/labels/index rows."""
@@ -72,7 +70,6 @@ def check_feature_tensors(tensors: Mapping[str, torch.Tensor], where: str,
     if tensors["features"].ndim != 2:
         raise ValueError(f"{where}: 'features' must be (N, F), "
                          f"got {tuple(tensors['features'].shape)}")
-
 
 
 def load_feature_split(features_dir: str | Path, split: str) -> dict[str, torch.Tensor]:

@@ -1,62 +1,101 @@
-"""The epoch loop: drives a step function over the loaders from a resume position to the end."""
+"""The training loop: drives a step function over the batches from a resume position to the end,
+timing how long each step waited for its batch and how long it computed (as timm logs
+`data_time` and `batch_time`), so a starving loader shows in the curves."""
 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from seed_core.progress import progress
+from seed_core.train.resume import Position
 
 log = logging.getLogger(__name__)
 
 
-def run_epochs(*, start: Any, epochs: int, steps_per_epoch: int,
-               make_loader: Callable[[int, int], Iterable[dict]],
-               step: Callable[[dict, Any, bool], dict[str, float]],
-               scheduler: Any, log_every: int,
-               on_log: Callable[[int, Any, dict[str, float]], None],
-               checkpoint_every: int | None = None,
-               on_checkpoint: Callable[[Any], None] | None = None,
-               crash_after: int | None = None, desc: str = "train") -> int:
-    """Drive `step` from position `start` (a `resume.Position`) to the end of `epochs`.
+@dataclass
+class StepTimes:
+    """Seconds waiting for batches (`data`) and computing steps (`compute`), summed."""
 
-    `step(batch, position, want_stats)` runs one optimisation step; the scheduler advances once
-    per step; `on_log(global_step, position, metrics)` gets every `log_every`-th step and the last;
-    `on_checkpoint(next_position)` every `checkpoint_every` steps. `crash_after` kills the process
-    (SIGKILL, as a crash would) after that global step: the resume tests use it.
+    data: float = 0.0
+    compute: float = 0.0
+    steps: int = 0
 
-    Returns the number of steps run.
+    def add(self, data: float, compute: float) -> None:
+        self.data += data
+        self.compute += compute
+        self.steps += 1
+
+    @property
+    def data_wait_fraction(self) -> float:
+        """Summed data wait over the summed wall time of the steps (wait + compute)."""
+        total = self.data + self.compute
+        return self.data / total if total > 0 else 0.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"data": self.data, "compute": self.compute, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.data, self.compute, self.steps = state["data"], state["compute"], int(state["steps"])
+
+
+def run_steps(*, start: Position, total_steps: int, steps_per_epoch: int,
+              batches: Iterable[dict[str, Any]],
+              step: Callable[[dict[str, Any], Position, bool], dict[str, float]],
+              scheduler: Any, log_every: int, times: StepTimes,
+              on_log: Callable[[int, Position, dict[str, float]], None],
+              checkpoint_every: int | None = None,
+              on_checkpoint: Callable[[Position], None] | None = None,
+              on_epoch_end: Callable[[int], None] | None = None, desc: str = "train") -> int:
+    """Run `step(batch, position, want_stats)` from `start` to `total_steps`.
+
+    The scheduler advances once per step; `on_log(global_step, position, metrics)` gets every
+    `log_every`-th step and the last, with `data_seconds` and `step_seconds` (means since the
+    previous log); `on_checkpoint(next_position)` runs every `checkpoint_every` steps and
+    `on_epoch_end(epoch)` after each epoch's last step.
+
+    Returns:
+        The number of steps run.
     """
-    import os
-    import signal
-
-    total = epochs * steps_per_epoch
     position = start
     ran = 0
-    bar = progress(range(total), desc=desc, unit="step", initial=0)
-    bar.update(position.epoch * steps_per_epoch + position.step)
-    while position.epoch < epochs:
-        loader = make_loader(position.epoch, position.step)
-        for batch in loader:
-            global_step = position.epoch * steps_per_epoch + position.step
-            done = global_step + 1
-            want_log = done % log_every == 0 or done == total
-            metrics = step(batch, position, want_log)
-            scheduler.step()
-            ran += 1
-            bar.update(1)
-            if want_log:
-                metrics["lr"] = scheduler.get_last_lr()[0]
-                on_log(done, position, metrics)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            position = position.after(steps_per_epoch)
-            if checkpoint_every and on_checkpoint and done % checkpoint_every == 0 and done < total:
-                on_checkpoint(position)
-            if crash_after is not None and done == crash_after:
-                log.warning("crash injected after step %d (SEED_CRASH_AFTER_STEP)", done)
-                os.kill(os.getpid(), signal.SIGKILL)
-        if position.step != 0:
-            raise RuntimeError(f"the loader of epoch {position.epoch} ended after step "
-                               f"{position.step} of {steps_per_epoch}")
+    since_log = StepTimes()
+    bar = progress(range(total_steps), desc=desc, unit="step")
+    bar.update(position.global_step(steps_per_epoch))
+    iterator = iter(batches)
+    waited = time.perf_counter()
+    while position.global_step(steps_per_epoch) < total_steps:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            raise RuntimeError(f"the loader ended before step {position.step} of epoch "
+                               f"{position.epoch} ({steps_per_epoch} steps per epoch)") from None
+        ready = time.perf_counter()
+        done = position.global_step(steps_per_epoch) + 1
+        want_log = done % log_every == 0 or done == total_steps
+        metrics = step(batch, position, want_log)
+        scheduler.step()
+        finished = time.perf_counter()
+        times.add(ready - waited, finished - ready)
+        since_log.add(ready - waited, finished - ready)
+        ran += 1
+        bar.update(1)
+        if want_log:
+            metrics.update(lr=scheduler.get_last_lr()[0],
+                           data_seconds=since_log.data / since_log.steps,
+                           step_seconds=since_log.compute / since_log.steps)
+            since_log = StepTimes()
+            on_log(done, position, metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        epoch_ended = position.step + 1 == steps_per_epoch
+        position = position.after(steps_per_epoch)
+        if epoch_ended and on_epoch_end is not None:
+            on_epoch_end(position.epoch - 1)
+        if checkpoint_every and on_checkpoint and done % checkpoint_every == 0 and \
+                done < total_steps:
+            on_checkpoint(position)
+        waited = time.perf_counter()
     bar.close()
     return ran

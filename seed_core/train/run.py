@@ -1,34 +1,80 @@
-"""What MoCo pre-training and SEED distillation share: the optimiser and schedule, the resumable
-state, the step log, the data loop. Each stage supplies its modules, its queues and its step."""
+"""What MoCo pre-training and SEED distillation share: the resumable state of a run, the data
+loop over the shards, the checks at start-up, and the end of the run (the canonical model, the
+curves, the summary). Each stage supplies its modules, its queues and its step."""
 
 from __future__ import annotations
 
 import logging
-import os
+import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from seed_core import distributed
-from seed_core.data.loader import ShardSet, train_loader
+from seed_core.codemap import stage_source_files
+from seed_core.data.loader import check_bad_fraction, log_bad, training_batches
+from seed_core.data.shardset import MANIFEST_NAME, ShardSet
+from seed_core.io import atomic_dir, sha256_file
+from seed_core.models.encoder import Encoder
 from seed_core.precision import uses_grad_scaler
 from seed_core.queue import EmbeddingQueue
+from seed_core.teachers.canonical import save_canonical
 from seed_core.train.curves import StepLog
-from seed_core.train.loop import run_epochs
-from seed_core.train.resume import CheckpointStore, Position, rng_state, set_rng_state
+from seed_core.train.loop import StepTimes, run_steps
+from seed_core.train.resume import (CheckpointStore, Position, fingerprint, rng_state,
+                                    set_rng_state, source_digest)
 from seed_core.train.schedule import Schedule, build_sgd, cosine_with_warmup
 
 log = logging.getLogger(__name__)
+
+# columns every training curve has; a stage may add its own diagnostics after them
+CURVE_COLUMNS = ["step", "epoch", "loss", "lr", "data_seconds", "step_seconds"]
+
+
+def per_rank_batch(global_batch: int, world_size: int, key: str) -> int:
+    """The batch of one rank; the global batch (params `key`) must split evenly over ranks."""
+    if global_batch % world_size:
+        raise ValueError(f"params: '{key}' = {global_batch} is not divisible by the "
+                         f"{world_size} processes of this launch (WORLD_SIZE); choose a "
+                         f"multiple of {world_size} or launch a divisor of {global_batch}")
+    return global_batch // world_size
+
+
+def place(encoder: Encoder, runtime: distributed.Runtime, sync_bn: bool = True
+          ) -> tuple[Encoder, nn.Module]:
+    """The encoder on this rank's device (BatchNorm over the global batch when several ranks
+    run and `sync_bn`), and the module to train through: DDP-wrapped when several ranks run."""
+    if runtime.world_size > 1 and sync_bn:
+        encoder = distributed.convert_sync_batchnorm(encoder, runtime.device)
+    encoder = encoder.to(runtime.device)
+    return encoder, distributed.wrap_ddp(encoder, runtime, sync_bn=sync_bn)
+
+
+def shards_fingerprint(shards: ShardSet) -> str:
+    """What identifies the training data: its manifest (local file or fetched copy)."""
+    local = Path(shards.location) / MANIFEST_NAME
+    return sha256_file(local) if local.is_file() else fingerprint(shards.manifest)
+
+
+def checkpoint_store(directory: str | Path, config: Mapping[str, Any], shards: ShardSet,
+                     stage_file: str | Path) -> CheckpointStore:
+    """The store of this configuration: `config` (the global batch in it, never the number of
+    processes), the data, and the source files the stage runs."""
+    files = stage_source_files(stage_file)
+    root = Path(stage_file).resolve().parent.parent
+    full = {**config, "shards": shards_fingerprint(shards), "code": source_digest(files, root)}
+    return CheckpointStore(directory, fingerprint(full))
 
 
 @dataclass
 class TrainingRun:
     """The mutable state of one training run and how to save and restore it.
 
-    `saved_modules` are saved/restored by name (the trainable model under "model", MoCo's key
-    encoder...); `queues` likewise. The DDP wrapper, if any, is never saved: its `.module` is.
+    `saved_modules` are saved/restored by name (the trainable model, MoCo's key encoder...);
+    `queues` likewise. The DDP wrapper, if any, is never saved: its `.module` is.
     """
 
     runtime: distributed.Runtime
@@ -39,11 +85,16 @@ class TrainingRun:
     steplog: StepLog
     store: CheckpointStore
     precision: str
+    max_bad_fraction: float = 0.01
     optimizer: torch.optim.Optimizer = field(init=False)
     scheduler: torch.optim.lr_scheduler.LambdaLR = field(init=False)
     scaler: Any = field(init=False)
-    # samples the loaders could not decode, per (epoch, worker): counted, reported, not fatal
-    decode_errors: dict[tuple[int, int], int] = field(init=False, default_factory=dict)
+    times: StepTimes = field(init=False, default_factory=StepTimes)
+    # unreadable samples replaced by the loader: this rank's since start, and all ranks' before
+    bad: list[str] = field(init=False, default_factory=list)
+    seen: int = field(init=False, default=0)
+    restored_bad: int = field(init=False, default=0)
+    restored_seen: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.optimizer = build_sgd(self.trainable, self.schedule.lr, self.schedule.momentum,
@@ -54,35 +105,40 @@ class TrainingRun:
         self.scaler = (torch.amp.GradScaler("cuda")
                        if uses_grad_scaler(self.runtime.device, self.precision) else None)
 
+    def bad_counts(self) -> tuple[int, int]:
+        """(unreadable samples, samples read) over all ranks and the run so far (collective)."""
+        counts = torch.tensor([len(self.bad), self.seen], dtype=torch.float64)
+        bad, seen = distributed.all_reduce_sum(counts).tolist()
+        return self.restored_bad + int(bad), self.restored_seen + int(seen)
+
     def state_dict(self, position: Position) -> dict[str, Any]:
+        bad, seen = self.bad_counts()
         return {
             "modules": {name: m.state_dict() for name, m in self.saved_modules.items()},
             "queues": {name: q.state_dict() for name, q in self.queues.items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            # every rank's RNG, so each resumes from its own state
-            "rng": distributed.all_gather_objects(rng_state()),
+            # the loader seeds every sample itself; this only keeps anything else exact
+            "rng": rng_state(),
             "position": {"epoch": position.epoch, "step": position.step},
             "steplog": self.steplog.state_dict(),
-            "world_size": self.runtime.world_size,
+            "times": self.times.state_dict(),
+            "bad": {"samples": bad, "seen": seen},
+            "global_batch": self.schedule.global_batch,
         }
 
     def checkpoint(self, position: Position) -> None:
         state = self.state_dict(position)  # collective: every rank takes part
         if self.runtime.is_main:
-            self.store.save(state)
+            self.store.save(state, position.global_step(self.schedule.steps_per_epoch))
         distributed.barrier()
 
     def restore(self) -> Position:
-        """Load the last checkpoint of this configuration if there is one; else start at 0."""
+        """Load the newest intact checkpoint of this configuration if any; else start at 0."""
         state = self.store.load()
         if state is None:
             return Position(0, 0)
-        if state["world_size"] != self.runtime.world_size:
-            raise RuntimeError(
-                f"{self.store.path} was written by {state['world_size']} processes, this run "
-                f"has {self.runtime.world_size}: resume with the same nproc, or delete it")
         device = self.runtime.device
         for name, module in self.saved_modules.items():
             module.load_state_dict(state["modules"][name], strict=True)
@@ -93,12 +149,34 @@ class TrainingRun:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"][self.runtime.rank])
+        set_rng_state(state["rng"])
         self.steplog.load_state_dict(state["steplog"])
+        self.times.load_state_dict(state["times"])
+        self.restored_bad, self.restored_seen = state["bad"]["samples"], state["bad"]["seen"]
         position = Position(**state["position"])
-        log.info("resumed from %s at epoch %d step %d", self.store.path, position.epoch,
+        log.info("resumed from %s at epoch %d step %d", self.store.loaded_from, position.epoch,
                  position.step)
         return position
+
+    def _check_bad(self, where: str) -> None:
+        # per rank, with the restored counts shared out: no collective needed on every step
+        share = self.runtime.world_size
+        check_bad_fraction(len(self.bad) + self.restored_bad // share,
+                           self.seen + self.restored_seen // share, self.max_bad_fraction,
+                           where, self.bad)
+
+    def _device_batches(self, loader: Any, where: str) -> Iterator[dict[str, Any]]:
+        device = self.runtime.device
+        min_seen = int(20 / self.max_bad_fraction) if self.max_bad_fraction > 0 else 0
+        for batch in loader:
+            self.bad.extend(batch["bad"])
+            self.seen += len(batch["key"]) + len(batch["bad"])
+            if batch["bad"] and self.seen >= min_seen:
+                self._check_bad(where)
+            image = batch["image"]
+            views = image if isinstance(image, list) else [image]
+            batch["views"] = [v.to(device, non_blocking=True) for v in views]
+            yield batch
 
     def fit(self, *, shards: ShardSet, transform: Callable, seed: int, workers: int,
             step: Callable[[dict, Position, bool], dict[str, float]],
@@ -106,34 +184,56 @@ class TrainingRun:
             checkpoint_every: int | None, log_every: int, desc: str) -> int:
         """Restore if possible, then train to the end of the schedule. Returns steps run."""
         start = self.restore()
-        per_rank_batch = self.schedule.global_batch // self.runtime.world_size
-        device = self.runtime.device
-
-        def make_loader(epoch: int, start_step: int):
-            loader = train_loader(shards, transform, per_rank_batch, seed=seed, epoch=epoch,
-                                  rank=self.runtime.rank, steps=self.schedule.steps_per_epoch,
-                                  start_step=start_step, workers=workers)
-            for batch in loader:
-                self.decode_errors[(epoch, batch["worker"])] = batch["decode_errors"]
-                image = batch["image"]
-                views = image if isinstance(image, list) else [image]
-                batch["views"] = [v.to(device, non_blocking=True) for v in views]
-                yield batch
+        rt, schedule = self.runtime, self.schedule
+        loader = training_batches(
+            shards, transform, per_rank_batch(schedule.global_batch, rt.world_size, "batch_size"),
+            seed=seed, rank=rt.rank, world_size=rt.world_size, start=(start.epoch, start.step),
+            stop=(schedule.epochs, 0), workers=workers)
 
         def on_log(global_step: int, position: Position, metrics: dict[str, float]) -> None:
+            # collective (every rank logs the same steps): curves hold global-batch values
             row = {"step": global_step, "epoch": position.epoch + (position.step + 1) /
-                   self.schedule.steps_per_epoch, **metrics}
+                   schedule.steps_per_epoch, **distributed.mean_over_ranks(metrics)}
             self.steplog.add(row)
             on_metrics(global_step, row)
 
-        crash = os.environ.get("SEED_CRASH_AFTER_STEP")
-        ran = run_epochs(start=start, epochs=self.schedule.epochs,
-                         steps_per_epoch=self.schedule.steps_per_epoch,
-                         make_loader=make_loader, step=step, scheduler=self.scheduler,
-                         log_every=log_every, on_log=on_log, checkpoint_every=checkpoint_every,
-                         on_checkpoint=self.checkpoint, crash_after=int(crash) if crash else None,
-                         desc=desc)
-        skipped = sum(self.decode_errors.values())
-        if skipped:
-            log.warning("%d training samples could not be decoded and were skipped", skipped)
+        ran = run_steps(start=start, total_steps=schedule.total_steps,
+                        steps_per_epoch=schedule.steps_per_epoch,
+                        batches=self._device_batches(loader, f"{shards.root} ({desc})"),
+                        step=step, scheduler=self.scheduler, log_every=log_every,
+                        times=self.times, on_log=on_log, checkpoint_every=checkpoint_every,
+                        on_checkpoint=self.checkpoint,
+                        on_epoch_end=lambda epoch: self._check_bad(f"{shards.root} epoch {epoch}"),
+                        desc=desc)
+        log_bad(self.bad, desc)
         return ran
+
+    def summary(self, ran: int, seconds: float) -> dict[str, Any]:
+        """The numbers every training stage reports (collective: all ranks call it)."""
+        bad, seen = self.bad_counts()
+        last = self.steplog.rows[-1] if self.steplog.rows else {}
+        return {"steps": self.schedule.total_steps, "steps_run": ran,
+                "final_loss": last.get("loss"),
+                "images_per_s": ran * self.schedule.global_batch / seconds if seconds else None,
+                "data_wait_fraction": round(self.times.data_wait_fraction, 6),
+                "data_seconds": round(self.times.data, 3),
+                "compute_seconds": round(self.times.compute, 3),
+                "bad_samples": bad, "samples_read": seen}
+
+    def finish(self, encoder: Encoder, out_dir: str | Path, meta: Mapping[str, Any]) -> None:
+        """Rank 0 writes the trained encoder in canonical form and the curves, then drops the
+        checkpoints; every rank waits for it."""
+        if self.runtime.is_main:
+            with atomic_dir(out_dir) as tmp:
+                save_canonical(tmp / "model.safetensors", encoder.backbone.state_dict(),
+                               encoder.head.state_dict(), meta)
+            self.steplog.write()
+            self.store.clear()
+        distributed.barrier()
+
+
+def timed(fn: Callable[[], int]) -> tuple[int, float]:
+    """`(fn(), seconds it took)`."""
+    started = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - started

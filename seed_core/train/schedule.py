@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -54,3 +54,9 @@ class Schedule:
     @property
     def lr(self) -> float:
         return scaled_lr(self.base_lr, self.global_batch)
+
+
+def schedule_for(cfg: Any, epochs: int, samples: int) -> Schedule:
+    """The schedule of a `pretrain` or `distill` params section over `samples` training samples."""
+    return Schedule(epochs, samples // cfg.batch_size, cfg.batch_size, cfg.lr, cfg.momentum,
+                    cfg.weight_decay, cfg.warmup_epochs)

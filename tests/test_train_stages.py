@@ -1,0 +1,317 @@
+"""The `pretrain` and `distill` stages end to end on tiny data, through the real scripts and the
+real torchrun: output form; N processes compute what 1 process computes; a checkpoint resumes on
+another number of processes; two torchrun "nodes" form one job; shards served over HTTP.
+Faults are injected from outside (signals timed by watching the checkpoint files)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import free_port, write_tiny_shards
+from seed_core.models.backbones import create_backbone
+from seed_core.models.heads import build_head, mlp_layout
+from seed_core.teachers.canonical import load_canonical, save_canonical
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMING = {"data_seconds", "step_seconds"}  # wall-clock columns: never equal between two runs
+TINY = {
+    "data": {"image_size": 16, "workers": 1},
+    "student": {"arch": "resnet10t"},
+    # 70 samples, global batch 8: 8 steps per epoch, 6 samples left out each epoch
+    "pretrain": {"epochs": 2, "batch_size": 8, "queue_size": 24, "log_every": 2,
+                 "embed_dim": 16, "hidden_dim": 32, "warmup_epochs": 0.5,
+                 "checkpoint_every": 3},
+    "distill": {"epochs": 2, "batch_size": 8, "queue_size": 24, "checkpoint_every": 3,
+                "log_every": 2, "warmup_epochs": 0.5, "t_teacher": 0.05, "hidden_dim": 32},
+}
+ENV = {**os.environ, "SEED_TRACKING": "0", "SEED_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("train")
+    shards = write_tiny_shards(root / "shards", [30, 25, 15])
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet10t")
+    head = build_head(mlp_layout(backbone.num_features, 32, 16))
+    teacher = save_canonical(root / "teacher" / "teacher.safetensors", backbone.state_dict(),
+                             head.state_dict(), {"format": "seed_distill", "arch": "resnet10t"})
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(TINY))
+    return {"root": root, "shards": str(shards), "teacher": teacher, "params": params}
+
+
+def command(setup: dict, stage: str, name: str, nproc: int = 1, shards: str | None = None,
+            launcher: list[str] | None = None) -> list[str]:
+    out = setup["root"] / name
+    if launcher is None:
+        launcher = ([sys.executable] if nproc == 1 else
+                    [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                     "--nproc_per_node", str(nproc)])
+    common = ["--shards", shards or setup["shards"], "--curves", str(out / "curves.csv"),
+              "--metrics", str(out / "metrics.json"), "--params", str(setup["params"]),
+              "--checkpoint-dir", str(out / "ckpt")]
+    if stage == "distill":
+        return [*launcher, str(ROOT / "stages" / "distill.py"), "--teacher",
+                str(setup["teacher"]), "--out", str(out / "model"), "--no-mlflow-model", *common]
+    return [*launcher, str(ROOT / "stages" / "pretrain.py"), "--target", "baseline", "--out",
+            str(out / "model"), *common]
+
+
+def run(cmd: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def outputs(setup: dict, name: str) -> tuple[dict[str, torch.Tensor], list[dict[str, str]]]:
+    out = setup["root"] / name
+    with open(out / "curves.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return load_file(str(out / "model" / "model.safetensors")), rows
+
+
+def assert_same_training(a: tuple, b: tuple, exact: bool) -> None:
+    """Same weights and curves (bit for bit, or to fp32 tolerance across process counts)."""
+    (weights_a, rows_a), (weights_b, rows_b) = a, b
+    assert weights_a.keys() == weights_b.keys()
+    for key in weights_a:
+        if exact:
+            assert torch.equal(weights_a[key], weights_b[key]), key
+        else:
+            torch.testing.assert_close(weights_a[key], weights_b[key], rtol=1e-3, atol=1e-4,
+                                       msg=key)
+    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b]
+    for ra, rb in zip(rows_a, rows_b):
+        for column in set(ra) - TIMING:
+            if exact:
+                assert ra[column] == rb[column], (column, ra, rb)
+            else:
+                assert float(ra[column]) == pytest.approx(float(rb[column]), rel=1e-3,
+                                                          abs=1e-4), (column, ra, rb)
+
+
+@pytest.fixture(scope="module")
+def reference(setup) -> dict:
+    """Uninterrupted single-process runs of both stages."""
+    for stage in ("distill", "pretrain"):
+        run(command(setup, stage, f"{stage}-reference"))
+    return {stage: outputs(setup, f"{stage}-reference") for stage in ("distill", "pretrain")}
+
+
+def test_outputs_are_canonical_with_curves_and_metrics(setup, reference) -> None:
+    out = setup["root"] / "distill-reference"
+    student, meta = load_canonical(out / "model")
+    assert meta["method"] == "seed" and meta["arch"] == "resnet10t"
+    assert meta["embed_dim"] == 16 and meta["teacher_arch"] == "resnet10t"
+    assert student(torch.randn(2, 3, 16, 16)).shape == (2, 16)
+    header = (out / "curves.csv").read_text().splitlines()[0]
+    assert header == "step,epoch,loss,lr,data_seconds,step_seconds,queue_entropy,agreement"
+    assert len(reference["distill"][1]) == 16 // 2  # a row every log_every=2 of 16 steps
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps_run"] == 16 and metrics["bad_samples"] == 0
+    assert metrics["samples_read"] == 16 * 8
+    assert 0.0 <= metrics["data_wait_fraction"] <= 1.0
+    assert not list((out / "ckpt").glob("step-*"))  # cleared once the model is written
+    pretrain = json.loads((setup["root"] / "pretrain-reference" / "metrics.json").read_text())
+    assert pretrain["steps_run"] == 16 and 0.0 <= pretrain["data_wait_fraction"] <= 1.0
+    assert load_canonical(setup["root"] / "pretrain-reference" / "model")[1]["method"] == \
+        "moco_v2"
+
+
+@pytest.mark.parametrize("stage", ["distill", "pretrain"])
+def test_two_processes_equal_one(setup, reference, stage) -> None:
+    run(command(setup, stage, f"{stage}-two", nproc=2))
+    assert_same_training(outputs(setup, f"{stage}-two"), reference[stage], exact=False)
+
+
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"the stage ended (rc {process.returncode}) before the fault: "
+                                 f"{process.stderr.read()[-3000:]}")
+        if time.time() > deadline:
+            process.kill()
+            raise AssertionError("timed out waiting for the stage")
+        time.sleep(0.005)
+
+
+def checkpoints(setup: dict, name: str) -> list[Path]:
+    directory = setup["root"] / name / "ckpt"
+    return sorted(directory.glob("step-*.pt.sha256")) if directory.is_dir() else []
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process it started (as a crash or the OOM killer would)."""
+    import psutil
+
+    parent = psutil.Process(process.pid)
+    for child in parent.children(recursive=True):
+        child.kill()
+    parent.kill()
+    process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("stage,written_by,resumed_by", [("distill", 2, 1),
+                                                         ("pretrain", 1, 2)])
+def test_a_checkpoint_resumes_on_another_number_of_processes(setup, reference, stage,
+                                                             written_by, resumed_by) -> None:
+    name = f"{stage}-elastic"
+    process = subprocess.Popen(command(setup, stage, name, nproc=written_by), env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(checkpoints(setup, name)) >= 1, process)
+    kill_tree(process)
+    assert not (setup["root"] / name / "model").exists()
+    resumed = run(command(setup, stage, name, nproc=resumed_by))
+    assert "resumed from" in resumed.stderr
+    metrics = json.loads((setup["root"] / name / "metrics.json").read_text())
+    assert 0 < metrics["steps_run"] < 16
+    assert_same_training(outputs(setup, name), reference[stage], exact=False)
+
+
+def test_two_torchrun_nodes_form_one_job_reading_shards_over_http(setup, reference) -> None:
+    port, http_port = free_port(), free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(http_port), "--bind",
+                               "127.0.0.1", "--directory", setup["shards"]],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{http_port}/"
+    try:
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(url + "manifest.json", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        nodes = []
+        for node_rank in (0, 1):
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+                        "--nproc_per_node", "1", "--node_rank", str(node_rank),
+                        "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+                        "--rdzv_id", "seed-test"]
+            env = {**ENV, "SEED_SHARD_CACHE": str(setup["root"] / f"cache{node_rank}")}
+            nodes.append(subprocess.Popen(command(setup, "distill", "distill-nodes", shards=url,
+                                                  launcher=launcher),
+                                          env=env, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.PIPE, text=True))
+        for node in nodes:
+            _, stderr = node.communicate(timeout=240)
+            assert node.returncode == 0, stderr[-3000:]
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert_same_training(outputs(setup, "distill-nodes"), reference["distill"], exact=False)
+
+
+# --- kill -9 anywhere, corrupt checkpoints, a dying rank (issue 12) ---------------------------
+
+def kill_mid_step(setup: dict, name: str, process: subprocess.Popen) -> None:
+    """A moment in training after the first checkpoint: the process is computing a step."""
+    wait_for(lambda: len(checkpoints(setup, name)) >= 1, process)
+    time.sleep(0.3)
+    kill_tree(process)
+
+
+def kill_mid_epoch(setup: dict, name: str, process: subprocess.Popen) -> None:
+    """Right after a checkpoint in the middle of epoch 0 (step 3 of 8) has been written."""
+    wait_for(lambda: any(p.name.startswith("step-00000003") for p in checkpoints(setup, name)),
+             process)
+    kill_tree(process)
+
+
+def kill_while_writing_a_checkpoint(setup: dict, name: str, process: subprocess.Popen) -> None:
+    """Stop the process the moment a checkpoint's temporary file exists; kill it if the file is
+    still being written (it is renamed into place only when complete), else let it go on."""
+    directory = setup["root"] / name / "ckpt"
+    while True:
+        wait_for(lambda: directory.is_dir() and any(directory.glob(".step-*.tmp")), process)
+        os.kill(process.pid, signal.SIGSTOP)
+        if any(directory.glob(".step-*.tmp")):
+            kill_tree(process)
+            return
+        os.kill(process.pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("stage", ["distill", "pretrain"])
+@pytest.mark.parametrize("fault", [kill_mid_step, kill_mid_epoch, kill_while_writing_a_checkpoint])
+def test_kill_anywhere_then_resume_gives_the_same_weights_and_curves(setup, reference, stage,
+                                                                     fault) -> None:
+    name = f"{stage}-{fault.__name__}"
+    process = subprocess.Popen(command(setup, stage, name), env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    fault(setup, name, process)
+    assert process.returncode == -signal.SIGKILL
+    assert not (setup["root"] / name / "model").exists()
+    resumed = run(command(setup, stage, name))
+    assert_same_training(outputs(setup, name), reference[stage], exact=True)
+    assert not list((setup["root"] / name / "ckpt").iterdir())  # temporaries cleaned up too
+    assert "resumed from" in resumed.stderr or fault is kill_while_writing_a_checkpoint
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous(setup, reference) -> None:
+    name = "distill-corrupt"
+    process = subprocess.Popen(command(setup, "distill", name), env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(checkpoints(setup, name)) >= 2, process)
+    kill_tree(process)
+    newest, previous = sorted((setup["root"] / name / "ckpt").glob("step-*.pt"))[::-1][:2]
+    data = newest.read_bytes()
+    newest.write_bytes(data[:len(data) // 2])  # truncated on disk
+    resumed = run(command(setup, "distill", name))
+    assert f"skipping checkpoint {newest}: its checksum does not match" in resumed.stderr
+    assert f"resumed from {previous}" in resumed.stderr
+    assert_same_training(outputs(setup, name), reference["distill"], exact=True)
+
+
+def test_a_dying_rank_stops_the_job_quickly_and_its_checkpoint_resumes(setup, reference) -> None:
+    import psutil
+
+    name = "distill-rank-dies"
+    process = subprocess.Popen(command(setup, "distill", name, nproc=2), env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(checkpoints(setup, name)) >= 1, process)
+    ranks = [p for p in psutil.Process(process.pid).children(recursive=True)
+             if "distill.py" in " ".join(p.cmdline())]
+    victim = next(p for p in ranks if p.environ().get("RANK") == "1")
+    killed = time.time()
+    victim.kill()
+    process.communicate(timeout=60)
+    assert process.returncode != 0
+    assert time.time() - killed < 30  # the bound the README states
+    for path in checkpoints(setup, name):  # what is on disk is intact
+        pt = path.with_name(path.name.removesuffix(".sha256"))
+        import hashlib
+        assert hashlib.sha256(pt.read_bytes()).hexdigest() == path.read_text().strip()
+    resumed = run(command(setup, "distill", name, nproc=2))
+    assert "resumed from" in resumed.stderr
+    assert_same_training(outputs(setup, name), reference["distill"], exact=False)
+
+
+def test_queue_init_from_cache_needs_the_cache(setup, tmp_path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({**TINY, "distill": {**TINY["distill"],
+                                                          "queue_init": "cache"}}))
+    done = subprocess.run(command({**setup, "params": params}, "distill", "nocache"), env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "distill.queue_init is 'cache' but no --teacher-cache was given" in done.stderr
+
+
+def test_a_global_batch_that_does_not_split_over_the_processes_is_refused(setup) -> None:
+    done = subprocess.run(command(setup, "distill", "indivisible", nproc=3), env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "params: 'distill.batch_size' = 8 is not divisible by the 3 processes" in done.stderr
