@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from seed_core import distributed
 from seed_core.config import Params
 from seed_core.data.loader import check_bad_fraction, log_bad
-from seed_core.data.shardset import ShardSet, open_shards
+from seed_core.data.shardset import ShardSet, check_same_classes, open_shards
 from seed_core.data.transforms import eval_transform
 from seed_core.evaluation.extract import SplitFeatures, extract_split
 from seed_core.io import atomic_dir, write_json
@@ -90,6 +90,7 @@ def run(args: argparse.Namespace, params: Params, rt: distributed.Runtime) -> di
     feature_dim = int(meta["feature_dim"])
     expected_width = feature_dim + (int(meta["embed_dim"]) if args.embeddings else 0)
     shard_sets = {"train": open_shards(args.train_shards), "val": open_shards(args.val_shards)}
+    check_same_classes(shard_sets["train"], shard_sets["val"])
     parts = {split: extract_split(make_forward(encoder, args.embeddings), shards,
                                   eval_transform(params.data.image_size),
                                   params.features.batch_size, params.data.workers,
@@ -109,9 +110,6 @@ def run(args: argparse.Namespace, params: Params, rt: distributed.Runtime) -> di
             save_file(split_tensors(part, feature_dim, args.embeddings),
                       str(tmp / f"{split}.safetensors"))
         train, val = shard_sets["train"], shard_sets["val"]
-        if train.num_classes != val.num_classes:
-            log.warning("train shards have %d classes, val shards %d", train.num_classes,
-                        val.num_classes)
         write_json(tmp / "meta.json", {
             "name": args.name, "model_path": str(args.model),
             "model": json.loads(json.dumps(meta, default=str)),

@@ -220,3 +220,20 @@ def test_the_cache_is_shared_by_concurrent_readers(http_shards, tmp_path) -> Non
     totals = [p.communicate(timeout=60)[0].strip() for p in procs]
     assert totals[0] == totals[1] and int(totals[0]) > 0
     assert not list((tmp_path / "shared").rglob("*.part"))
+
+
+def test_val_classes_absent_from_train_are_refused(tmp_path) -> None:
+    from seed_core.data.shardset import check_same_classes
+
+    def shards(name: str, labels: list[int]) -> Path:
+        rows = [(f"{name}{i}", c, png_bytes(np.full((4, 4), i, np.uint8)))
+                for i, c in enumerate(labels)]
+        write_tsv(tmp_path / f"{name}.tsv", rows)
+        (tmp_path / "labelmap.txt").write_text("cat\ndog\nbird\nfish\n")
+        convert_tsv_to_shards(tmp_path / f"{name}.tsv", tmp_path / name, workers=1)
+        return tmp_path / name
+
+    train = open_shards(shards("train", [0, 1, 2, 0, 1, 2]))
+    check_same_classes(train, open_shards(shards("good", [2, 0, 1])))
+    with pytest.raises(ShardError, match=r"classes \['fish'\] have val samples but no training"):
+        check_same_classes(train, open_shards(shards("bad", [0, 3, 1])))

@@ -1,4 +1,5 @@
-"""Encoded images: format from magic bytes, and decoding that refuses image bombs.
+"""Encoded images: format from magic bytes, and decoding that refuses image bombs (PIL and
+numpy only: the converter's worker processes need no torch).
 
 An image's size is read from its header before any pixel is decoded, so a 20,000 x 20,000 PNG
 in a TSV row or a shard costs a few bytes of header, not gigabytes of memory.
@@ -10,8 +11,7 @@ import io
 import re
 import warnings
 
-import torchvision.transforms.v2.functional as TF
-import torch
+import numpy as np
 from PIL import Image
 
 # 64 megapixels: above any photo in ImageNet-like data (the largest ImageNet train image is
@@ -92,15 +92,14 @@ def _pil_extension(pil_format: str) -> str:
     return pil_format.lower()
 
 
-def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """Encoded image bytes -> `uint8 (C, H, W)`, C = 1 for grayscale sources, else 3 (RGB).
+def decode_pixels(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes -> `uint8 (H, W)` for grayscale sources, else `(H, W, 3)` RGB.
 
     Raises:
         ImageError: unreadable, truncated or too large.
     """
     with open_image(data, max_pixels) as image:
         try:
-            converted = image.convert("L" if image.mode in GRAY_MODES else "RGB")
+            return np.asarray(image.convert("L" if image.mode in GRAY_MODES else "RGB"))
         except Exception as err:
             raise ImageError(f"not a decodable image ({type(err).__name__}: {err})") from None
-    return TF.pil_to_tensor(converted)

@@ -412,3 +412,19 @@ class SampleReader:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+def check_same_classes(train: ShardSet, val: ShardSet) -> None:
+    """Every class of the val split must have training samples: a kNN bank or a linear probe
+    can never predict a class it has never seen, so such a test split measures nothing."""
+    if val.num_classes > train.num_classes:
+        raise ShardError(f"{val.root}: {val.num_classes} classes, but the training shards "
+                         f"{train.root} have {train.num_classes}; use splits of one dataset")
+    trained = np.bincount(train.index.labels, minlength=train.num_classes) > 0
+    tested = np.bincount(val.index.labels, minlength=train.num_classes) > 0
+    unseen = np.flatnonzero(tested & ~trained).tolist()
+    if unseen:
+        names = [train.class_names[c] if train.class_names else str(c) for c in unseen[:5]]
+        raise ShardError(f"{val.root}: classes {names} have val samples but no training sample "
+                         f"in {train.root}; no classifier can predict them: rebuild the splits "
+                         f"so every val class is in train")
