@@ -5,7 +5,9 @@ MoCo's protocol through the frozen backbone in eval mode (RandomResizedCrop + fl
 epoch). Either way the lr is picked from `linear.lrs` by training on the fit part of a
 class-balanced holdout split of train and scoring its holdout part (cached eval-transform
 features); the classifier is then retrained on the full train at that lr and the test (val
-split, cached eval-transform features) is scored once.
+split, cached eval-transform features) is scored once. A best lr at either end of `linear.lrs`
+is flagged (`holdout.lr_edge`): the optimum may lie beyond the grid. `--predictions` saves the
+test's per-sample predictions for the report's paired tests.
 """
 
 from __future__ import annotations
@@ -14,19 +16,22 @@ import argparse
 import logging
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from seed_core.config import Params
-from seed_core.data.loader import ShardSet, TrainStream, open_shards
+from seed_core.data.loader import training_batches
+from seed_core.data.shardset import ShardSet, open_shards
 from seed_core.data.transforms import linear_train_transform
 from seed_core.evaluation.features import feature_num_classes, load_feature_split
 from seed_core.evaluation.linear import fit_linear, predict_linear, select_lr, train_linear
 from seed_core.evaluation.metrics import nan_to_none, per_class_accuracy, topk_accuracy
+from seed_core.evaluation.predictions import save_predictions
 from seed_core.evaluation.splits import holdout_split
+from seed_core.launch import stage
 from seed_core.precision import autocast
-from seed_core.stagekit import stage
+from seed_core.stagekit import add_params_arguments
 from seed_core.tracking import flatten_metrics
 from seed_core.tracking import Tracker
 
@@ -45,58 +50,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-shards", default=None, help="train shards (augmented mode)")
     parser.add_argument("--val-shards", default=None,
                         help="val shards (checked against the cached val features)")
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--predictions", default=None,
+                        help="per-sample test predictions (safetensors: index, label, prediction)")
+    add_params_arguments(parser)
     return parser.parse_args(argv)
 
 
 # ------------------------------------------------------------------ augmented mode
 
 
-def sample_keys(shards: ShardSet) -> list[tuple[str, str]]:
-    """(shard path, `__key__`) of every sample, in global-index order (the order the
-    evaluation loader numbers them in)."""
-    from webdataset.tariterators import tarfile_samples
-
-    keys: list[tuple[str, str]] = []
-    for path, count in zip(shards.paths, shards.counts):
-        found = [(path, s["__key__"]) for s in tarfile_samples(iter([{"url": path}]))]
-        if len(found) != count:
-            raise RuntimeError(f"{path}: {len(found)} samples, the manifest says {count}")
-        keys.extend(found)
-    return keys
-
-
-class ExcludingTrainStream(TrainStream):
-    """`TrainStream` that never yields the samples whose (shard, key) is in `excluded`, so the
-    probe trained for lr selection never sees the holdout images."""
-
-    def __init__(self, *args: Any, excluded: frozenset[tuple[str, str]], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.excluded = excluded
-
-    def _raw_stream(self, logical: int, errors: list[str]) -> Iterator[dict[str, Any]]:
-        for sample in super()._raw_stream(logical, errors):
-            if (sample["__url__"], sample["__key__"]) not in self.excluded:
-                yield sample
-
-
 def augmented_batches(encoder: nn.Module, shards: ShardSet, params: Params,
-                      device: torch.device, samples: int,
-                      excluded: frozenset[tuple[str, str]]) -> Batches:
-    """`batches(epoch)`: frozen-backbone features of fresh RandomResizedCrop + flip views."""
+                      device: torch.device, subset: np.ndarray) -> Batches:
+    """`batches(epoch)`: frozen-backbone features of fresh RandomResizedCrop + flip views of
+    the samples `subset` (global sample indices), one pass per epoch."""
     cfg, data = params.linear, params.data
-    steps = samples // cfg.batch_size
-    if steps < 1:
-        raise ValueError(f"{samples} training samples cannot fill one batch of "
+    if len(subset) < cfg.batch_size:
+        raise ValueError(f"{len(subset)} training samples cannot fill one batch of "
                          f"linear.batch_size={cfg.batch_size}")
     transform = linear_train_transform(data.image_size)
 
     def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        stream = ExcludingTrainStream(shards, transform, cfg.batch_size, seed=cfg.seed,
-                                      epoch=epoch, rank=0, steps=steps, workers=data.workers,
-                                      excluded=excluded)
-        loader = DataLoader(stream, batch_size=None, num_workers=data.workers,
-                            prefetch_factor=2 if data.workers else None)
+        loader = training_batches(shards, transform, cfg.batch_size, seed=cfg.seed, rank=0,
+                                  world_size=1, start=(epoch, 0), stop=(epoch + 1, 0),
+                                  workers=data.workers, subset=subset)
         for batch in loader:
             with torch.no_grad(), autocast(device, "auto"):
                 feats = encoder.features(batch["image"].to(device, non_blocking=True))
@@ -121,16 +97,14 @@ def augmented_trainer(args: argparse.Namespace, params: Params, device: torch.de
     if width != train["features"].shape[1]:
         raise ValueError(f"{args.model} gives {width} features per image but the cached "
                          f"features in {args.features} have {train['features'].shape[1]}")
-    keys = sample_keys(shards)
-    fit_mask = torch.zeros(len(keys), dtype=torch.bool)
-    fit_mask[train["index"][fit]] = True
-    excluded = frozenset(k for k, keep in zip(keys, fit_mask.tolist()) if not keep)
+    everything = np.arange(shards.samples)
+    # the probe trained for lr selection never sees the holdout images
+    fit_samples = train["index"][fit].numpy()
     cfg = params.linear
 
     def train_fn(lr: float, full: bool) -> nn.Module:
         source = augmented_batches(encoder, shards, params, device,
-                                   len(keys) if full else int(fit_mask.sum()),
-                                   frozenset() if full else excluded)
+                                   everything if full else fit_samples)
         return fit_linear(source, width, num_classes, cfg.epochs, lr, cfg.momentum,
                           cfg.weight_decay, cfg.seed, device, on_epoch=epoch_logger(
                               tracker, f"{'final' if full else f'lr_{lr:g}'}.train_loss"))
@@ -186,17 +160,23 @@ def evaluate(args: argparse.Namespace, params: Params, device: torch.device,
     final = train_fn(selection.best_lr, True)
     scores = predict_linear(final, val["features"])
     test = topk_accuracy(scores, val["labels"])
-    per_class = per_class_accuracy(scores.argmax(1), val["labels"], num_classes)
+    prediction = scores.argmax(1)
+    per_class = per_class_accuracy(prediction, val["labels"], num_classes)
     log.info("%s test: top-1 %.2f%%, top-5 %.2f%%", args.name, test["top1"], test["top5"])
+    if args.predictions:
+        save_predictions(args.predictions, val["index"], val["labels"], prediction,
+                         {"protocol": "linear", "name": args.name,
+                          "lr": f"{selection.best_lr:g}"})
     return {"name": args.name, "mode": cfg.mode, "epochs": cfg.epochs, "lr": selection.best_lr,
-            "holdout": {**selection.holdout,
+            "selected_on": "holdout",
+            "holdout": {**selection.holdout, "lr_edge": selection.edge,
                         "lr_top1": {f"{lr:g}": top1 for lr, top1 in selection.lr_top1.items()}},
             "test": test, "per_class_top1": nan_to_none(per_class)}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    with stage(f"linear@{args.name}", args.params) as ctx:
+    with stage(f"linear@{args.name}", args.params, args.overrides) as ctx:
         if ctx.runtime.world_size > 1:
             raise RuntimeError("stages/linear.py runs in one process; start it with python, "
                                "not torchrun")

@@ -2,8 +2,12 @@
 
 Writes `metrics/summary.json` (`{"teacher": {"knn_top1", "knn_top5", "linear_top1",
 "linear_top5"}, "baseline": {...}, "student": {...}}`, test-split percentages),
+`metrics/paired.json` (the paired tests of every model pair on the same test images, from the
+kNN / linear stages' per-sample predictions: `{protocol: {pair: comparison}}`),
 `reports/summary.md`, and `plots/{training_curves,per_class_accuracy,embedding_projection}.png`;
-logs the summary to the pipeline's parent MLflow run and the files as the report run's artifacts.
+logs the summary and the paired tests to the pipeline's parent MLflow run and the files as the
+report run's artifacts. With `--reproduce FILE` (the `make reproduce` results) the report adds
+the students' table over seeds.
 """
 
 from __future__ import annotations
@@ -14,15 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from seed_core.config import Params
-from seed_core.data.loader import open_shards
+from seed_core.data.shardset import open_shards
 from seed_core.evaluation.features import load_feature_split
 from seed_core.io import read_json, write_json, write_text
+from seed_core.launch import stage
+from seed_core.report.comparisons import paired_metrics, paired_tests
 from seed_core.report.plots import (pca_2d, plot_embeddings, plot_per_class, plot_training_curves,
                                    relative_to, subsample)
 from seed_core.report.prose import ReadingContext, render_summary_md
-from seed_core.report.readers import read_metrics, read_model_meta, read_training_log, stage_seconds
-from seed_core.report.tables import MODELS, build_summary, summary_metrics
-from seed_core.stagekit import stage
+from seed_core.report.readers import (check_reproduce, read_metrics, read_model_meta,
+                                      read_training_log, stage_seconds)
+from seed_core.report.tables import MODELS, PROTOCOLS, build_summary, seeds_table, summary_metrics
+from seed_core.stagekit import add_params_arguments
 from seed_core.tracking import Tracker
 
 log = logging.getLogger("report")
@@ -34,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", default="reports")
     p.add_argument("--plots-dir", default="plots")
     p.add_argument("--summary", default="metrics/summary.json")
-    p.add_argument("--params", default="params.yaml")
+    add_params_arguments(p)
     p.add_argument("--metrics-dir", default="metrics",
                    help="stage metrics JSONs whose `seconds` sum to the pipeline compute time")
     p.add_argument("--teacher-meta", default="models/teacher/teacher.json")
@@ -43,6 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for model in MODELS:
         p.add_argument(f"--knn-{model}", default=f"metrics/knn_{model}.json")
         p.add_argument(f"--linear-{model}", default=f"metrics/linear_{model}.json")
+        for protocol in PROTOCOLS:
+            p.add_argument(f"--{protocol}-{model}-predictions",
+                           default=f"data/predictions/{protocol}_{model}.safetensors")
+    p.add_argument("--paired", default="metrics/paired.json",
+                   help="output: the paired tests of every model pair")
+    p.add_argument("--reproduce", default=None,
+                   help="metrics/reproduce.json of `make reproduce`: adds the table over seeds")
     p.add_argument("--teacher-features", default="data/features/teacher/val.safetensors")
     p.add_argument("--student-features", default="data/features/student/val.safetensors")
     p.add_argument("--log-teacher", default="plots/pretrain_teacher.csv")
@@ -82,6 +96,20 @@ def projection_panels(args: argparse.Namespace, seed: int) -> tuple[dict[str, An
     return panels, int(teacher["index"].numel())
 
 
+def prediction_files(args: argparse.Namespace) -> dict[str, dict[str, Path]]:
+    """`{protocol: {model: file}}` for the protocols whose three prediction files all exist."""
+    found: dict[str, dict[str, Path]] = {}
+    for protocol in PROTOCOLS:
+        files = {m: Path(getattr(args, f"{protocol}_{m}_predictions")) for m in MODELS}
+        missing = [str(f) for f in files.values() if not f.is_file()]
+        if missing:
+            log.warning("%s: no paired %s tests; missing prediction files %s (run the %s stages "
+                        "with --predictions)", args.paired, protocol, missing, protocol)
+        else:
+            found[protocol] = files
+    return found
+
+
 def reading_context(params: Params, metas: dict[str, dict],
                     n_test: int) -> ReadingContext:
     return ReadingContext(
@@ -119,17 +147,24 @@ def build(args: argparse.Namespace, params: Params, tracker: Tracker) -> dict[st
     panels, n_test = projection_panels(args, params.data.seed)
     plot_embeddings(panels, names, plots["embedding projection"])
 
-    seconds = stage_seconds(args.metrics_dir, exclude=[args.summary])
+    paired = paired_tests(prediction_files(args))
+    seeds_md = None
+    if args.reproduce:
+        seeds_md = seeds_table(check_reproduce(read_metrics(args.reproduce, "make reproduce"),
+                                               args.reproduce))
+    seconds = stage_seconds(args.metrics_dir, exclude=[args.summary, args.paired])
     markdown = render_summary_md(
         summary, metas, knn, linear, reading_context(params, metas, n_test),
         params.data.holdout_fraction, seconds,
-        {caption: relative_to(path, out_dir) for caption, path in plots.items()})
+        {caption: relative_to(path, out_dir) for caption, path in plots.items()}, paired,
+        seeds_md)
+    write_json(args.paired, paired)
     write_json(args.summary, summary)
     write_text(out_dir / "summary.md", markdown)
     log.info("summary: %s", summary)
 
-    tracker.log_parent_metrics(summary_metrics(summary))
-    tracker.log_metrics({**summary_metrics(summary),
+    tracker.log_parent_metrics({**summary_metrics(summary), **paired_metrics(paired)})
+    tracker.log_metrics({**summary_metrics(summary), **paired_metrics(paired),
                          "pipeline_seconds": sum(seconds.values())})
     for path in [*plots.values(), out_dir / "summary.md"]:
         tracker.log_artifact(path)
@@ -138,7 +173,7 @@ def build(args: argparse.Namespace, params: Params, tracker: Tracker) -> dict[st
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    with stage("report", args.params) as ctx:
+    with stage("report", args.params, args.overrides) as ctx:
         if ctx.runtime.is_main:
             build(args, ctx.params, ctx.tracker)
 

@@ -8,13 +8,18 @@
 
 Writes `DIR/teacher.safetensors` and `DIR/teacher.json`. The checkpoint is read without running
 any code from it (`torch.load(weights_only=True)` or safetensors) and converted strictly (see
-`seed_core.checkpoints`). With `--shards`, the teacher's kNN top-1 on a held-out part of the
-training shards is measured next to the same arch randomly initialised and to chance, so an easy
-dataset cannot pass off a broken conversion as a good teacher.
+`seed_core.teachers`). With `--shards`, the teacher's kNN top-1 on a held-out part of the
+training shards is measured against the same arch randomly initialised, on the same images, and
+the stage fails (exit 1, nothing written) unless the teacher is clearly better: a one-sided
+paired McNemar test at p < 0.01 and a gap of at least 2 points (`seed_core.teachers.verify`).
+`--no-verify-gate` records the numbers without failing. The verification goes to `--metrics`,
+never into the model files, so `DIR` stays byte-identical when only the kNN code changes (and
+DVC does not re-run distillation for it).
 
-With `--from-params` the `teacher.*` params fill every option not given on the command line; an
-empty `teacher.checkpoint` means the pipeline's own pre-trained teacher
-(`models/pretrain/teacher/model.safetensors`, already canonical; `--pretrained-dir` overrides).
+With `--from-params` the `teacher.*` params fill every option not given on the command line.
+`teacher.checkpoint` names a file (the pipeline's own pre-trained teacher,
+`models/pretrain/teacher/model.safetensors`, or any external checkpoint), so DVC can track it as
+a dependency; an empty value still means the pipeline's own (`--pretrained-dir`).
 `teacher.small_images: false` leaves the stem to the checkpoint (recorded or auto-detected);
 `true` forces the small-image stem.
 """
@@ -59,6 +64,8 @@ class Settings:
     small_images: bool | None  # None: as recorded in / detected from the checkpoint
     verify_samples: int
     image_size: int
+    verify_gate: bool  # fail the stage when the teacher is not clearly above random init
+    pipeline_teacher: bool  # the checkpoint is stage pretrain@teacher's output
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,7 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pretrained-dir", default=PRETRAINED_DIR,
                         help="the pipeline's pre-trained teacher, used when teacher.checkpoint "
                              "is empty")
-    parser.add_argument("--metrics", help="metrics JSON")
+    parser.add_argument("--metrics", help="metrics JSON (the kNN verification goes here)")
+    parser.add_argument("--verify-gate", action=argparse.BooleanOptionalAction, default=None,
+                        help="with --shards: fail unless the teacher is clearly better than a "
+                             "randomly initialised network (default); --no-verify-gate only "
+                             "records the numbers")
     args = parser.parse_args(argv)
     if not args.from_params and not (args.checkpoint and args.arch):
         parser.error("--checkpoint and --arch are required (or use --from-params)")
@@ -102,7 +113,8 @@ def _find(path: str) -> Path:
 def resolve_settings(args: argparse.Namespace, params: Params | None) -> Settings:
     """Command-line options first, then (with --from-params) the `teacher.*` params."""
     cfg = params.teacher if (args.from_params and params is not None) else None
-    checkpoint = args.checkpoint or (cfg.checkpoint if cfg else "") or args.pretrained_dir
+    given = args.checkpoint or (cfg.checkpoint if cfg else "")
+    checkpoint = given or args.pretrained_dir
     small = args.small_images
     if small is None and cfg is not None and cfg.small_images:
         small = True
@@ -112,20 +124,28 @@ def resolve_settings(args: argparse.Namespace, params: Params | None) -> Setting
                     fmt=args.format or (cfg.format if cfg else "auto"),
                     small_images=small,
                     verify_samples=args.verify_samples or (cfg.verify_samples if cfg else 2000),
-                    image_size=image_size)
+                    image_size=image_size,
+                    verify_gate=(args.verify_gate if args.verify_gate is not None
+                                 else cfg.verify_gate if cfg else True),
+                    pipeline_teacher=not given or PRETRAINED_DIR in Path(given).as_posix())
 
 
 def convert_teacher(settings: Settings) -> tuple[dict, dict, dict[str, Any]]:
     """Read the checkpoint safely and convert it; the metadata names the source file."""
     source = settings.checkpoint
     if not source.exists():
-        raise CheckpointError(f"{source}: no such teacher checkpoint (with an empty "
-                              "teacher.checkpoint, stage pretrain@teacher must run first)")
+        raise CheckpointError(f"{source}: no such teacher checkpoint ("
+                              + ("the pipeline's own teacher: stage pretrain@teacher must run "
+                                 "first)" if settings.pipeline_teacher
+                                 else "fix teacher.checkpoint / --checkpoint)"))
     if source.is_dir():
         source = resolve_canonical_file(source)
     obj = load_untrusted(source)
-    backbone, head, meta = convert_checkpoint(obj, settings.arch, settings.fmt,
-                                              settings.small_images)
+    try:
+        backbone, head, meta = convert_checkpoint(obj, settings.arch, settings.fmt,
+                                                  settings.small_images)
+    except CheckpointError as err:
+        raise CheckpointError(f"{source}: {err}") from None
     meta.update(source_path=str(source), source_sha256=sha256_file(source))
     return backbone, head, meta
 
@@ -141,6 +161,23 @@ def _check_round_trip(encoder: Encoder, out_dir: Path, image_size: int) -> None:
                                "one's embeddings")
 
 
+class TeacherRejected(RuntimeError):
+    """The kNN verification says the teacher is not clearly better than random init."""
+
+
+def rejection_message(settings: Settings, verification: dict[str, Any]) -> str:
+    """What failed, with the numbers, and what to do."""
+    return (f"the teacher {settings.checkpoint} ({settings.arch}) is not clearly better than the "
+            f"same architecture randomly initialised: kNN top-1 {verification['knn_top1']:.2f}% "
+            f"vs {verification['knn_top1_random_init']:.2f}% on "
+            f"{verification['knn_heldout_samples']} held-out training images; "
+            + "; ".join(verification["knn_failures"])
+            + ". Check that teacher.arch / --arch and teacher.format / --format match the "
+              "checkpoint and that it is a trained one; a barely trained teacher needs more "
+              "pre-training (pretrain.teacher_epochs); more teacher.verify_samples give the test "
+              "more power. --no-verify-gate records the numbers without failing.")
+
+
 def run(args: argparse.Namespace, params: Params | None, tracker: Tracker) -> dict[str, Any]:
     started = time.perf_counter()
     settings = resolve_settings(args, params)
@@ -153,20 +190,28 @@ def run(args: argparse.Namespace, params: Params | None, tracker: Tracker) -> di
     encoder = encoder_from_states(backbone, head, meta, where=str(settings.checkpoint))
     log.info("format %s: %s, %d features, head %s, embedding %d", meta["format"], meta["arch"],
              meta["feature_dim"], meta["head_layout"], meta["embed_dim"])
+    num_params = sum(t.numel() for t in backbone.values() if t.is_floating_point())
+    summary: dict[str, Any] = {"arch": meta["arch"], "format": meta["format"],
+                               "feature_dim": meta["feature_dim"], "embed_dim": meta["embed_dim"],
+                               "backbone_params_millions": round(num_params / 1e6, 3)}
     if args.shards:
-        meta.update(verify_knn(encoder, args.shards, settings.verify_samples,
-                               settings.image_size, pick_device()))
-        log.info("kNN top-1 %.2f%% (random init %.2f%%, chance %.2f%%)", meta["knn_top1"],
-                 meta["knn_top1_random_init"], meta["knn_chance"])
+        verification = verify_knn(encoder, args.shards, settings.verify_samples,
+                                  settings.image_size, pick_device())
+        summary.update(verification)
+        log.info("kNN top-1 %.2f%% (random init %.2f%%, chance %.2f%%; one-sided McNemar p = "
+                 "%.3g)", verification["knn_top1"], verification["knn_top1_random_init"],
+                 verification["knn_chance"], verification["knn_p_value"])
+        if settings.verify_gate and not verification["knn_verified"]:
+            summary["seconds"] = round(time.perf_counter() - started, 3)
+            raise TeacherRejected(rejection_message(settings, verification), summary)
+        if not verification["knn_verified"]:
+            log.warning("%s", rejection_message(settings, verification))
     out_dir = Path(args.out)
+    # the model files hold the conversion only: a kNN code change must leave them byte-identical
     save_canonical(out_dir / "teacher.safetensors", backbone, head, meta)
     _check_round_trip(encoder, out_dir, max(32, settings.image_size))
     tracker.log_artifact(out_dir / "teacher.json")
-    num_params = sum(t.numel() for t in backbone.values() if t.is_floating_point())
-    return {"feature_dim": meta["feature_dim"], "embed_dim": meta["embed_dim"],
-            "backbone_params_millions": round(num_params / 1e6, 3),
-            **{k: v for k, v in meta.items() if k.startswith("knn_")},
-            "seconds": round(time.perf_counter() - started, 3)}
+    return {**summary, "seconds": round(time.perf_counter() - started, 3)}
 
 
 def _load_params(args: argparse.Namespace) -> Params | None:
@@ -183,7 +228,13 @@ def main(argv: list[str] | None = None) -> None:
         params = _load_params(args)
         with tracked("teacher", params) as tracker:
             summary = run(args, params, tracker)
-            tracker.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+            tracker.log_metrics({k: v for k, v in summary.items()
+                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    except TeacherRejected as err:
+        message, summary = err.args
+        if args.metrics:  # the numbers behind the refusal, for the user to read
+            write_json(args.metrics, summary)
+        sys.exit(f"teacher: {message}")
     except (CheckpointError, ConfigError, FileNotFoundError) as err:
         sys.exit(f"teacher: {err}")  # the message alone: these are input errors, not bugs
     if args.metrics:

@@ -5,21 +5,27 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import write_tiny_shards
+from seed_core.config import load_params
 from seed_core.evaluation.knn import knn_classify
 from seed_core.evaluation.metrics import topk_accuracy
+from seed_core.evaluation.predictions import load_predictions
+from seed_core.evaluation.stats import mcnemar
 from seed_core.evaluation.splits import holdout_split
 from seed_core.report.plots import (pca_2d, plot_embeddings, plot_per_class, plot_training_curves,
                                     subsample)
-from seed_core.report.prose import (ReadingContext, noise_points, reading_paragraph,
-                                    render_summary_md)
-from seed_core.report.readers import read_metrics, read_model_meta, read_training_log, stage_seconds
+from seed_core.report.comparisons import paired_metrics
+from seed_core.report.prose import ReadingContext, reading_paragraph, render_summary_md
+from seed_core.report.readers import (check_reproduce, read_metrics, read_model_meta,
+                                      read_training_log, stage_seconds)
 from seed_core.report.tables import (MODELS, SUMMARY_KEYS, build_summary, method_label,
-                                     results_table, summary_metrics)
+                                     results_table, seeds_table, summary_metrics)
 from seed_core.teachers.canonical import save_encoder
 from seed_core.tracking import flatten_metrics
 
@@ -79,61 +85,182 @@ def test_results_table_rows_and_labels():
     assert table[4].startswith("| SEED | resnet18 | SEED | ✓ from resnet50 | 200 | 55.60 |")
 
 
+def comparison(difference, p_value, samples=10000):
+    """A paired comparison as `PairedComparison.to_dict()` writes it."""
+    return {"a_top1": 80.0 + difference, "b_top1": 80.0, "difference": difference,
+            "ci_low": difference - 0.5, "ci_high": difference + 0.5, "confidence": 0.95,
+            "resamples": 10000, "a_only": 120, "b_only": 100, "p_value": p_value,
+            "test": "chi2", "samples": samples, "significant": p_value < 0.05}
+
+
+def paired_of(teacher_vs_student, student_vs_baseline, teacher_vs_baseline, knn=None):
+    """The same (difference, p) per pair for both protocols, unless `knn` overrides kNN's."""
+    linear = {"teacher_vs_student": comparison(*teacher_vs_student),
+              "student_vs_baseline": comparison(*student_vs_baseline),
+              "teacher_vs_baseline": comparison(*teacher_vs_baseline)}
+    knn_pairs = dict(linear)
+    for pair, values in (knn or {}).items():
+        knn_pairs[pair] = comparison(*values)
+    return {"knn": knn_pairs, "linear": linear}
+
+
+SIG, NOT = 1e-6, 0.4  # p-values: clearly significant, clearly not
+
+
 def test_reading_paragraph_expected_order():
-    text = reading_paragraph(summary_of(67.4, 52.5, 57.6), context())
+    paired = paired_of((9.8, SIG), (5.1, SIG), (14.9, SIG))
+    text = reading_paragraph(summary_of(67.4, 52.5, 57.6), paired, context())
     assert "teacher (67.40) > SEED student (57.60) > baseline (52.50)" in text
     assert "Distillation helped" in text and "+5.10 points linear" in text
-    assert "ordering the SEED paper reports" in text
+    assert "significantly on both kNN and linear top-1" in text
+    assert "Teacher > SEED > baseline holds on both kNN and linear top-1" in text
+    assert "SEED − baseline +5.10 kNN [+4.60, +5.60], p = 1e-06" in text
     assert "Settings most likely" not in text
 
 
 def test_reading_paragraph_weak_teacher_points_at_teacher_settings():
-    text = reading_paragraph(summary_of(50.0, 52.0, 51.0), context())
-    assert "teacher is not clearly better" in text
+    paired = paired_of((-1.0, NOT), (-1.0, NOT), (-2.0, NOT))
+    text = reading_paragraph(summary_of(50.0, 52.0, 51.0), paired, context())
+    assert "teacher is not clearly better" in text and "little to distil" in text
+    assert "holds on neither kNN nor linear top-1" in text
     assert "a longer teacher pre-training (it had 8 epochs, no more than the baseline)" in text
     assert "wider or deeper teacher than resnet18" in text
     assert "small-image 3x3 stem for 32-px data" in text
     # with the small stem already on and an external teacher, neither is suggested
-    text = reading_paragraph(summary_of(50.0, 52.0, 51.0),
-                                    context(teacher_small_images=True, teacher_epochs=None))
+    text = reading_paragraph(summary_of(50.0, 52.0, 51.0), paired,
+                             context(teacher_small_images=True, teacher_epochs=None))
     assert "stem" not in text and "longer teacher" not in text
 
 
 def test_reading_paragraph_weak_teacher_but_student_gain_says_both():
-    text = reading_paragraph(summary_of(52.5, 52.0, 54.0), context())
+    paired = paired_of((-1.5, 0.01), (2.0, SIG), (0.5, NOT))
+    text = reading_paragraph(summary_of(52.5, 52.0, 54.0), paired, context())
     assert "Distillation helped" in text and "+2.00 points linear" in text
     assert "teacher itself is not clearly better than the small baseline (+0.50" in text
+    assert "significantly ahead on either protocol" in text
     assert "little to distil" not in text
     assert "a longer teacher pre-training (it had 8 epochs" in text
+    assert "student beats its teacher significantly on both kNN and linear top-1" in text
 
 
 def test_reading_paragraph_strong_teacher_weak_student_points_at_distillation():
-    text = reading_paragraph(summary_of(70.0, 52.0, 52.3), context(distill_epochs=5))
-    assert "within noise of the baseline" in text
-    assert "did not absorb it" in text
+    paired = paired_of((17.7, SIG), (0.3, NOT), (18.0, SIG))
+    text = reading_paragraph(summary_of(70.0, 52.0, 52.3), paired, context(distill_epochs=5))
+    assert "not significantly different from the baseline" in text
+    assert "did not absorb it on either protocol" in text
     assert "more distillation epochs (distill.epochs = 5)" in text
 
 
-def test_reading_paragraph_noise_depends_on_test_size():
-    small = reading_paragraph(summary_of(70.0, 60.0, 65.0), context(n_test=100))
-    assert "within noise of the baseline" in small  # 5 points on 100 images is noise
-    assert noise_points(50.0, 100) == pytest.approx(10.0)
+def test_reading_paragraph_judges_by_the_paired_test_not_the_size_of_a_difference():
+    # +0.3 points on the same 10,000 images but a small p: a real, if small, gain
+    small_sure = reading_paragraph(summary_of(70.0, 60.0, 60.3),
+                                   paired_of((9.7, SIG), (0.3, 1e-4), (10.0, SIG)), context())
+    assert "Distillation helped" in small_sure
+    assert "Teacher > SEED > baseline holds on both" in small_sure
+    # +3 points that the paired test cannot tell from chance (e.g. few test images)
+    big_unsure = reading_paragraph(summary_of(70.0, 60.0, 63.0),
+                                   paired_of((7.0, SIG), (3.0, 0.2), (10.0, SIG)), context())
+    assert "not significantly different from the baseline (+3.00 linear" in big_unsure
+    assert "Distillation helped" not in big_unsure
 
 
-def test_render_summary_md_mentions_holdout_and_compute():
-    knn = {m: metrics(50.0, 80.0, k=20, temperature=0.07,
-                      holdout={"top1": 51.0, "top5": 81.0, "sweep_top1": {"10": 49.0, "20": 51.0}})
-           for m in MODELS}
-    linear = {m: metrics(60.0, 90.0, lr=30.0, mode="cached", epochs=100,
-                         holdout={"top1": 61.0, "top5": 91.0, "lr_top1": {"30": 61.0}})
+def test_reading_paragraph_one_protocol_only():
+    paired = paired_of((5.0, SIG), (4.0, SIG), (9.0, SIG),
+                       knn={"student_vs_baseline": (0.4, NOT)})
+    text = reading_paragraph(summary_of(70.0, 61.0, 65.0), paired, context())
+    assert "significantly on linear only" in text
+    assert "holds on linear top-1 only" in text
+    assert "did not absorb it on both protocols" in text
+
+
+def test_reading_paragraph_without_paired_tests_claims_nothing():
+    text = reading_paragraph(summary_of(70.0, 60.0, 65.0), {}, context())
+    assert "no paired test was run" in text
+    assert "helped" not in text and "holds" not in text and "significant" not in text.replace(
+        "called significant or not", "")
+
+
+def holdout_metrics(k=10, t=0.07, k_edge=None, t_edge=None):
+    return {"k": k, "temperature": t, "selected_on": "holdout",
+            "configured": {"k": 20, "temperature": 0.07},
+            "holdout": {"top1": 51.0, "top5": 81.0, "samples": 1000, "bank": 9000,
+                        "grid_k": [10, 20], "grid_temperature": [0.03, 0.07],
+                        "k_edge": k_edge, "temperature_edge": t_edge,
+                        "grid_top1": {"k10_T0.07": 51.0, "k20_T0.07": 50.5}}}
+
+
+def test_render_summary_md_states_what_was_chosen_on_the_holdout():
+    knn = {m: metrics(50.0, 80.0, **holdout_metrics(k_edge="lowest")) for m in MODELS}
+    linear = {m: metrics(60.0, 90.0, lr=0.1, mode="cached", epochs=100, selected_on="holdout",
+                         holdout={"top1": 61.0, "top5": 91.0, "lr_edge": "lowest",
+                                  "lr_top1": {"0.1": 61.0, "1": 60.0, "30": 55.0}})
               for m in MODELS}
-    md = render_summary_md(build_summary(knn, linear), {}, knn, linear, context(),
-                                  0.1, {"a.json": 60.0, "b.json": 30.0},
-                                  {"curves": "../plots/c.png"})
-    assert "chosen on a holdout split (10% of train" in md and "computed once" in md
-    assert "| SEED | 51.00 | 81.00 | k=20 (51.00) | 30 | 61.00 | 91.00 |" in md
+    paired = paired_of((1.0, 0.001), (2.0, SIG), (3.0, SIG))
+    md = render_summary_md(build_summary(knn, linear), {}, knn, linear, context(), 0.1,
+                           {"a.json": 60.0, "b.json": 30.0}, {"curves": "../plots/c.png"},
+                           paired)
+    assert ("kNN k and T were chosen per model on a holdout split (10% of train, "
+            "class-balanced") in md
+    assert "from k ∈ {10, 20} × T ∈ {0.03, 0.07}" in md
+    assert "SEED student k=10, T=0.07 (k lowest of its grid)" in md
+    assert "lr was chosen per model on the same split from linear.lrs = {0.1, 1, 30}" in md
+    assert ("The lr chosen for teacher, baseline and SEED student is at an end of the grid"
+            in md)
+    assert "extend knn.sweep_k / knn.sweep_temperature past that end" in md
+    assert "scored once per model with the chosen values" in md
+    assert ("| SEED | k=10, T=0.07 (k lowest of its grid) | 51.00 | k=20, T=0.07: 50.50 | "
+            "0.1 (lowest of the grid) | 61.00 | 91.00 |") in md
+    assert "| kNN | SEED − baseline | +2.00 | [+1.50, +2.50] | 120 / 100 | 1e-06 | yes |" in md
+    assert "| linear | teacher − SEED | +1.00 | [+0.50, +1.50] | 120 / 100 | 0.001 | yes |" in md
     assert "Pipeline compute time: 90 s (1.5 min)" in md
     assert "## Reading the numbers" in md and "![curves](../plots/c.png)" in md
+
+
+def test_render_summary_md_never_claims_an_untuned_knn_was_tuned():
+    knn = {m: metrics(50.0, 80.0, k=20, temperature=0.07,
+                      holdout={"top1": 51.0, "top5": 81.0, "sweep_top1": {"10": 52.0}})
+           for m in MODELS}  # an old knn stage: configured k and T, sweep ignored
+    linear = {m: metrics(60.0, 90.0, lr=1.0, mode="cached", epochs=100,
+                         holdout={"top1": 61.0, "top5": 91.0, "lr_top1": {"0.1": 1, "1": 2,
+                                                                           "10": 1}})
+              for m in MODELS}
+    md = render_summary_md(build_summary(knn, linear), {}, knn, linear, context(), 0.1, {}, {})
+    assert "kNN k and T were chosen" not in md
+    assert "kNN used the configured k and T, not tuned, for teacher, baseline and SEED" in md
+    assert "k=20, T=0.07 (not tuned)" in md
+    assert "at an end of the grid" not in md  # lr 1 is inside {0.1, 1, 10}
+    assert "no paired test" in md
+
+
+def test_paired_metrics_and_seeds_table():
+    paired = paired_of((1.0, 0.001), (2.0, SIG), (3.0, SIG))
+    flat = paired_metrics(paired)
+    assert flat["paired.knn.student_vs_baseline.p_value"] == SIG
+    assert flat["paired.linear.teacher_vs_student.ci_low"] == 0.5
+    assert len(flat) == 2 * 3 * 4
+    reproduce = {"seconds": 3000.0,
+                 "teacher": {"arch": "resnet18d", "knn_top1": 80.0, "linear_top1": 84.0},
+                 "students": {"mobilenetv3_small_050": {
+                     "seed": {"knn_top1": [73.0, 74.0, 75.0], "linear_top1": [75.0, 76.0, 77.0]},
+                     "baseline": {"knn_top1": [60.0, 60.0, 60.0],
+                                  "linear_top1": [61.0, 60.0, 59.0]},
+                     "paired": {"knn_top1": [comparison(13.0, SIG)] * 3,
+                                "linear_top1": [comparison(16.0, SIG), comparison(16.0, 0.2),
+                                                comparison(18.0, SIG)]}}}}
+    table = seeds_table(check_reproduce(reproduce, "r.json")).splitlines()
+    assert table[2] == ("| mobilenetv3_small_050 | kNN | 73.00 / 74.00 / 75.00 | 74.00 ± 1.00 | "
+                        "60.00 / 60.00 / 60.00 | 60.00 ± 0.00 | +14.00 | 70% | max p 1e-06 "
+                        "(3/3 seeds significant) |")
+    assert table[3].endswith("| +16.00 | 67% | max p 0.2 (2/3 seeds significant) |")
+    bad = json.loads(json.dumps(reproduce))
+    bad["students"]["mobilenetv3_small_050"]["baseline"]["knn_top1"] = [60.0, 60.0]
+    with pytest.raises(ValueError, match=r"r.json: 'students.mobilenetv3_small_050' lists of "
+                                         r"different lengths \[2, 3\]"):
+        check_reproduce(bad, "r.json")
+    bad = json.loads(json.dumps(reproduce))
+    bad["teacher"]["knn_top1"] = "80"
+    with pytest.raises(ValueError, match="'teacher.knn_top1' must be a percentage"):
+        check_reproduce(bad, "r.json")
 
 
 # ----------------------------------------------------------------------------- readers
@@ -303,9 +430,11 @@ def test_features_knn_linear_report_pipeline(tiny_pipeline, monkeypatch):
                        "--out", f"data/features/{name}", "--embeddings",
                        "--metrics", f"metrics/features_{name}.json"])
         knn.main(["--features", f"data/features/{name}", "--name", name,
-                  "--metrics", f"metrics/knn_{name}.json"])
+                  "--metrics", f"metrics/knn_{name}.json",
+                  "--predictions", f"data/predictions/knn_{name}.safetensors"])
         linear.main(["--name", name, "--features", f"data/features/{name}",
-                     "--metrics", f"metrics/linear_{name}.json"])
+                     "--metrics", f"metrics/linear_{name}.json",
+                     "--predictions", f"data/predictions/linear_{name}.safetensors"])
 
     from safetensors.torch import load_file
     val = load_file("data/features/student/val.safetensors")
@@ -314,23 +443,47 @@ def test_features_knn_linear_report_pipeline(tiny_pipeline, monkeypatch):
     torch.testing.assert_close(val["embeddings"].norm(dim=1), torch.ones(32))
     meta = json.loads(Path("data/features/student/meta.json").read_text())
     assert meta["train"] == {"shards": "train", "expected": 70, "received": 70,
-                             "decode_skips": 0}
+                             "bad_samples": 0}
     assert meta["model"]["method"] == "seed" and meta["num_classes"] == 4
 
-    # the stage's holdout number equals a direct kNN of holdout against the fit part
+    # the stage's holdout numbers equal direct kNNs of holdout against the fit part, for the
+    # configured pair and for the pair it chose (the best of the grid)
     train = load_file("data/features/student/train.safetensors")
     knn_metrics = json.loads(Path("metrics/knn_student.json").read_text())
     fit, hold = holdout_split(train["labels"], 0.2, 0)
-    direct = knn_classify(train["features"][fit], train["labels"][fit],
-                          train["features"][hold], 5, 0.07, 4)
-    assert knn_metrics["holdout"]["top1"] == topk_accuracy(direct, train["labels"][hold])["top1"]
-    assert knn_metrics["holdout"]["sweep_top1"]["5"] == knn_metrics["holdout"]["top1"]
-    assert set(knn_metrics) == {"name", "k", "temperature", "holdout", "test",
-                                "per_class_top1", "seconds"}
+
+    def holdout_top1(k, t):
+        direct = knn_classify(train["features"][fit], train["labels"][fit],
+                              train["features"][hold], k, t, 4)
+        return topk_accuracy(direct, train["labels"][hold])["top1"]
+
+    grid = knn_metrics["holdout"]["grid_top1"]
+    assert set(grid) == {f"k{k}_T{t:g}" for k in (1, 5, 10) for t in (0.03, 0.07, 0.1, 0.2)}
+    assert grid["k5_T0.07"] == pytest.approx(holdout_top1(5, 0.07))
+    k, t = knn_metrics["k"], knn_metrics["temperature"]
+    assert knn_metrics["holdout"]["top1"] == pytest.approx(holdout_top1(k, t))
+    assert knn_metrics["holdout"]["top1"] == pytest.approx(max(grid.values()))
+    assert knn_metrics["selected_on"] == "holdout"
+    assert knn_metrics["configured"] == {"k": 5, "temperature": 0.07}
+    assert set(knn_metrics) == {"name", "k", "temperature", "selected_on", "configured",
+                                "holdout", "test", "per_class_top1", "seconds"}
+    # the test split is scored once, with the chosen pair and the whole train as the bank
+    val = load_file("data/features/student/val.safetensors")
+    scores = knn_classify(train["features"], train["labels"], val["features"], k, t, 4)
+    assert knn_metrics["test"]["top1"] == pytest.approx(topk_accuracy(scores,
+                                                                      val["labels"])["top1"])
+    predictions = load_predictions("data/predictions/knn_student.safetensors")
+    assert torch.equal(predictions["index"], val["index"])
+    assert torch.equal(predictions["label"], val["labels"])
+    assert torch.equal(predictions["prediction"], scores.argmax(1))
     lin = json.loads(Path("metrics/linear_student.json").read_text())
-    assert set(lin) == {"name", "mode", "epochs", "lr", "holdout", "test", "per_class_top1",
-                        "seconds"}
+    assert set(lin) == {"name", "mode", "epochs", "lr", "selected_on", "holdout", "test",
+                        "per_class_top1", "seconds"}
     assert set(lin["holdout"]["lr_top1"]) == {"0.01", "0.1"} and lin["lr"] in (0.01, 0.1)
+    assert lin["holdout"]["lr_edge"] == {0.01: "lowest", 0.1: "highest"}[lin["lr"]]
+    lin_pred = load_predictions("data/predictions/linear_student.safetensors")
+    assert 100 * float((lin_pred["prediction"] == lin_pred["label"]).double().mean()) == \
+        pytest.approx(lin["test"]["top1"])
 
     Path("plots").mkdir()
     Path("plots/distill.csv").write_text("step,epoch,loss,lr,queue_entropy,agreement\n"
@@ -348,6 +501,33 @@ def test_features_knn_linear_report_pipeline(tiny_pipeline, monkeypatch):
     for png in ("training_curves.png", "per_class_accuracy.png", "embedding_projection.png"):
         assert Path("plots", png).read_bytes()[:4] == b"\x89PNG"
     assert tracker.parent["student.knn_top1"] == summary["student"]["knn_top1"]
+    # the paired tests: every pair, both protocols, from the prediction files
+    paired = json.loads(Path("metrics/paired.json").read_text())
+    assert set(paired) == {"knn", "linear"}
+    assert set(paired["knn"]) == {"teacher_vs_student", "student_vs_baseline",
+                                  "teacher_vs_baseline"}
+    student = load_predictions("data/predictions/knn_student.safetensors")
+    baseline = load_predictions("data/predictions/knn_baseline.safetensors")
+    want = mcnemar((student["prediction"] == student["label"]).numpy(),
+                   (baseline["prediction"] == baseline["label"]).numpy())
+    got = paired["knn"]["student_vs_baseline"]
+    assert (got["a_only"], got["b_only"]) == (want.a_only, want.b_only)
+    assert got["p_value"] == pytest.approx(want.p_value) and got["samples"] == 32
+    assert got["difference"] == pytest.approx(summary["student"]["knn_top1"]
+                                              - summary["baseline"]["knn_top1"])
+    assert tracker.parent["paired.knn.student_vs_baseline.p_value"] == got["p_value"]
+    assert "## Paired tests (same test images)" in md and "| kNN | SEED − baseline |" in md
+    assert "## Students over seeds" not in md
+    # with `make reproduce`'s results the report adds the table over seeds
+    Path("reproduce.json").write_text(json.dumps({
+        "seconds": 60.0, "teacher": {"arch": "resnet10t", "knn_top1": 90.0, "linear_top1": 90.0},
+        "students": {"resnet10t": {"seed": {"knn_top1": [80.0, 82.0], "linear_top1": [81.0, 83.0]},
+                                   "baseline": {"knn_top1": [70.0, 70.0],
+                                                "linear_top1": [71.0, 73.0]}}}}))
+    load_stage("report").main(["--val-shards", "val", "--reproduce", "reproduce.json"])
+    md = Path("reports/summary.md").read_text()
+    assert "## Students over seeds" in md
+    assert "| resnet10t | kNN | 80.00 / 82.00 | 81.00 ± 1.41 | 70.00 / 70.00 |" in md
     assert set(tracker.artifacts) == {"training_curves.png", "per_class_accuracy.png",
                                       "embedding_projection.png", "summary.md"}
 
@@ -358,18 +538,18 @@ def test_linear_augmented_mode_and_holdout_exclusion(tiny_pipeline):
     load_stage("features").main(["--model", models["baseline"], "--train-shards", "train",
                                  "--val-shards", "val", "--out", "feats"])
     linear = load_stage("linear")
-    from seed_core.data.loader import open_shards
-    from seed_core.data.transforms import linear_train_transform
+    from seed_core.data.shardset import open_shards
 
-    # the filtered stream never yields an excluded sample (here: every sample of class 0)
+    # the lr search's probe never sees a held-out sample (here: every sample of class 0)
     shards = open_shards("train")
-    keys = linear.sample_keys(shards)
-    assert len(keys) == 70 and keys[0] == (shards.paths[0], "s00000")
-    excluded = frozenset(k for i, k in enumerate(keys) if i % 4 == 0)
-    stream = linear.ExcludingTrainStream(shards, linear_train_transform(16), 8, seed=0, epoch=0,
-                                         rank=0, steps=10, excluded=excluded)
-    labels = torch.cat([batch["label"] for batch in stream])
-    assert labels.numel() == 80 and 0 not in labels.tolist()
+    assert shards.samples == 70
+    kept = np.flatnonzero(shards.index.labels != 0)
+    flat = SimpleNamespace(features=lambda x: x.flatten(1))  # any frozen feature extractor
+    batches = linear.augmented_batches(flat, shards, load_params("params.yaml"),
+                                       torch.device("cpu"), kept)
+    seen = [labels for _, labels in batches(0)] + [labels for _, labels in batches(1)]
+    labels = torch.cat(seen)
+    assert labels.numel() == 2 * (len(kept) // 8) * 8 and 0 not in labels.tolist()
 
     linear.main(["--name", "baseline", "--features", "feats", "--model", models["baseline"],
                  "--train-shards", "train", "--val-shards", "val", "--metrics", "lin.json"])

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seed_core.evaluation.metrics import check_labels, topk_accuracy
+from seed_core.evaluation.splits import grid_edge
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ class LrSelection:
     lr_top1: dict[float, float | None]  # holdout top-1 per lr; None = diverged
     model: nn.Module  # trained on the fit split at best_lr
     holdout: dict[str, float]  # top1 / top5 of `model` on the holdout split
+    # "lowest" / "highest" when best_lr is an end of the grid: the optimum may lie beyond it
+    edge: str | None = None
 
 
 def select_lr(lrs: Sequence[float], train_fn: Callable[[float], nn.Module],
@@ -132,6 +135,11 @@ def select_lr(lrs: Sequence[float], train_fn: Callable[[float], nn.Module],
     if best is None:
         raise LinearDiverged(f"the linear probe diverged at every lr in {list(lrs)}; "
                              f"use smaller values in linear.lrs")
-    return LrSelection(best_lr=best[0], lr_top1=lr_top1, model=best[2], holdout=best[3])
+    edge = grid_edge(best[0], list(lrs))
+    if edge:
+        log.warning("linear probe: the best lr %g is the %s of linear.lrs %s; the optimum may "
+                    "lie beyond the grid", best[0], edge, list(lrs))
+    return LrSelection(best_lr=best[0], lr_top1=lr_top1, model=best[2], holdout=best[3],
+                       edge=edge)
 
 

@@ -1,7 +1,9 @@
 """The class-balanced holdout split carved out of train for choosing hyper-parameters, so the
-test split is scored once."""
+test split is scored once, and where a chosen value sits in its grid."""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
@@ -30,3 +32,16 @@ def holdout_split(labels: torch.Tensor, fraction: float,
     return torch.nonzero(mask).flatten(), holdout
 
 
+
+
+def grid_edge(value: float, grid: Sequence[float]) -> str | None:
+    """Where a value chosen on the holdout sits in its grid: "lowest" or "highest" at an end of a
+    grid of two or more values (the optimum may lie beyond it), else None."""
+    values = sorted(set(grid))
+    if len(values) < 2 or value not in values:
+        return None
+    if value == values[0]:
+        return "lowest"
+    if value == values[-1]:
+        return "highest"
+    return None

@@ -90,3 +90,58 @@ def stage_seconds(metrics_dir: str | Path,
     return found
 
 
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_reproduce(obj: Any, where: str) -> dict[str, Any]:
+    """`metrics/reproduce.json` checked against issue 11's contract: `{"seconds", "teacher":
+    {"arch", "knn_top1", "linear_top1"}, "students": {ARCH: {"seed": {"knn_top1": [...],
+    "linear_top1": [...]}, "baseline": {...}}}}`, one value per seed in the same seed order.
+
+    Optional per student: `"paired": {"knn_top1": [...], "linear_top1": [...]}`, one
+    `PairedComparison.to_dict()` per seed (that seed's SEED student against that seed's
+    baseline, see `seed_core.report.comparisons.seed_tests`).
+    """
+    def fail(key: str, message: str) -> None:
+        raise ValueError(f"{where}: '{key}' {message}")
+
+    if not isinstance(obj, dict):
+        fail("(top level)", "must be a JSON object")
+    if not _number(obj.get("seconds")):
+        fail("seconds", f"must be a number, got {obj.get('seconds')!r}")
+    teacher = obj.get("teacher")
+    if not isinstance(teacher, dict) or not isinstance(teacher.get("arch"), str):
+        fail("teacher", "must be an object with 'arch', 'knn_top1' and 'linear_top1'")
+    for metric in ("knn_top1", "linear_top1"):
+        if not _number(teacher.get(metric)):
+            fail(f"teacher.{metric}", f"must be a percentage, got {teacher.get(metric)!r}")
+    students = obj.get("students")
+    if not isinstance(students, dict) or not students:
+        fail("students", "must be a non-empty object {ARCH: {'seed': ..., 'baseline': ...}}")
+    for arch, runs in students.items():
+        counts = set()
+        for kind in ("seed", "baseline"):
+            run = runs.get(kind) if isinstance(runs, dict) else None
+            if not isinstance(run, dict):
+                fail(f"students.{arch}.{kind}", "is missing")
+            for metric in ("knn_top1", "linear_top1"):
+                values = run.get(metric)
+                if (not isinstance(values, list) or not values
+                        or not all(_number(v) and 0 <= v <= 100 for v in values)):
+                    fail(f"students.{arch}.{kind}.{metric}",
+                         f"must be a non-empty list of percentages, got {values!r}")
+                counts.add(len(values))
+        for metric, tests in (runs.get("paired") or {}).items():
+            if metric not in ("knn_top1", "linear_top1") or not isinstance(tests, list) or not all(
+                    isinstance(t, dict) and _number(t.get("p_value"))
+                    and _number(t.get("difference")) for t in tests):
+                fail(f"students.{arch}.paired.{metric}", "must be a list of paired comparisons "
+                     "(p_value, difference, ...) under 'knn_top1' or 'linear_top1'")
+            counts.add(len(tests))
+        if len(counts) != 1:
+            fail(f"students.{arch}", f"lists of different lengths {sorted(counts)}: give one "
+                 f"value per seed, the seeds in the same order everywhere")
+    return obj

@@ -4,7 +4,10 @@ table, built from the evaluation metrics (pure functions)."""
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
+
+from seed_core.evaluation.splits import grid_edge
+from seed_core.evaluation.stats import ALPHA, seed_spread
 
 MODELS = ("teacher", "baseline", "student")
 ROW_NAMES = {"teacher": "Teacher", "baseline": "Baseline (no distillation)", "student": "SEED"}
@@ -85,27 +88,157 @@ def results_table(summary: Mapping[str, Mapping[str, float]],
     return "\n".join(lines)
 
 
+def lr_edge(metrics: Mapping[str, Any]) -> str | None:
+    """Where the chosen lr sits in `linear.lrs` (see `grid_edge`): as recorded by the linear
+    stage, or from the grid of holdout scores in metrics written before it recorded that."""
+    hold, lr = metrics.get("holdout", {}), metrics.get("lr")
+    if "lr_edge" in hold:
+        return hold["lr_edge"]
+    if not isinstance(lr, (int, float)) or not hold.get("lr_top1"):
+        return None
+    return grid_edge(float(lr), [float(v) for v in hold["lr_top1"]])
+
+
 def lr_label(metrics: Mapping[str, Any]) -> str:
+    """The linear probe's lr, with its place in `linear.lrs` when it is an end of the grid."""
     lr = metrics.get("lr")
-    return f"{lr:g}" if isinstance(lr, (int, float)) else "–"
-
-
-def best_sweep(sweep: Mapping[str, float]) -> str:
-    if not sweep:
+    if not isinstance(lr, (int, float)):
         return "–"
-    k, top1 = max(sweep.items(), key=lambda kv: (kv[1], -int(kv[0])))
-    return f"k={k} ({top1:.2f})"
+    edge = lr_edge(metrics)
+    return f"{lr:g} ({edge} of the grid)" if edge else f"{lr:g}"
+
+
+def knn_label(metrics: Mapping[str, Any]) -> str:
+    """`k=10, T=0.07`, with the end of its grid when the chosen k or T sits there."""
+    k, t = metrics.get("k"), metrics.get("temperature")
+    if k is None or t is None:
+        return "–"
+    hold = metrics.get("holdout", {})
+    edges = [f"{what} {hold[key]} of its grid" for what, key in (("k", "k_edge"),
+                                                                  ("T", "temperature_edge"))
+             if hold.get(key)]
+    return f"k={k}, T={t:g}" + (f" ({'; '.join(edges)})" if edges else "")
+
+
+def knn_selected(metrics: Mapping[str, Any]) -> bool:
+    """Whether this kNN metrics file says its (k, T) was chosen on the holdout split."""
+    return metrics.get("selected_on") == "holdout"
+
+
+def configured_knn_top1(metrics: Mapping[str, Any]) -> float | None:
+    """Holdout top-1 of the configured (knn.k, knn.temperature), when the grid recorded it."""
+    conf = metrics.get("configured") or {}
+    grid = metrics.get("holdout", {}).get("grid_top1", {})
+    if "k" not in conf or "temperature" not in conf:
+        return None
+    return grid.get(f"k{conf['k']}_T{conf['temperature']:g}")
 
 
 def holdout_table(knn: Mapping[str, Mapping[str, Any]],
                   linear: Mapping[str, Mapping[str, Any]]) -> str:
-    lines = ["| Model | kNN top-1 | kNN top-5 | best k of the sweep (top-1) | linear lr | "
+    """Per model: the values chosen on the holdout split and their holdout accuracy."""
+    lines = ["| Model | kNN k, T chosen | kNN top-1 | configured k, T: top-1 | linear lr chosen | "
              "linear top-1 | linear top-5 |", "|---|--:|--:|--:|--:|--:|--:|"]
     for model in MODELS:
-        kh, lh = knn[model].get("holdout", {}), linear[model].get("holdout", {})
-        lines.append(f"| {ROW_NAMES[model]} | {_fmt(kh.get('top1'))} | {_fmt(kh.get('top5'))} | "
-                     f"{best_sweep(kh.get('sweep_top1', {}))} | {lr_label(linear[model])} | "
-                     f"{_fmt(lh.get('top1'))} | {_fmt(lh.get('top5'))} |")
+        km, lm = knn[model], linear[model]
+        kh, lh = km.get("holdout", {}), lm.get("holdout", {})
+        conf = km.get("configured") or {}
+        configured = (f"k={conf['k']}, T={conf['temperature']:g}: "
+                      f"{_fmt(configured_knn_top1(km))}" if conf else "–")
+        chosen = knn_label(km) if knn_selected(km) else f"{knn_label(km)} (not tuned)"
+        lines.append(f"| {ROW_NAMES[model]} | {chosen} | {_fmt(kh.get('top1'))} | {configured} | "
+                     f"{lr_label(lm)} | {_fmt(lh.get('top1'))} | {_fmt(lh.get('top5'))} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- paired tests
+
+PROTOCOLS = {"knn": "kNN", "linear": "linear"}
+# the three model pairs of the paper's claim, the better-expected model first
+PAIRS = {"teacher_vs_student": ("teacher", "student"),
+         "student_vs_baseline": ("student", "baseline"),
+         "teacher_vs_baseline": ("teacher", "baseline")}
+PAIR_NAMES = {"teacher_vs_student": "teacher − SEED", "student_vs_baseline": "SEED − baseline",
+              "teacher_vs_baseline": "teacher − baseline"}
+
+
+def p_label(p: float) -> str:
+    """A p-value as a reader wants it: 3 significant digits, `< 1e-10` below that."""
+    return "< 1e-10" if p < 1e-10 else f"{p:.3g}"
+
+
+def signed(value: float, digits: int = 2) -> str:
+    return f"{value:+.{digits}f}"
+
+
+def paired_table(paired: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
+    """`paired[protocol][pair]` (`PairedComparison.to_dict()`) as one row per comparison."""
+    lines = ["| Protocol | Comparison | Difference (points) | 95% CI (paired bootstrap) | "
+             "Images only the first / only the second got right | McNemar p | "
+             f"Significant (p < {ALPHA:g}) |",
+             "|---|---|--:|--:|--:|--:|:-:|"]
+    for protocol, label in PROTOCOLS.items():
+        for pair, name in PAIR_NAMES.items():
+            c = paired.get(protocol, {}).get(pair)
+            if not c:
+                continue
+            level = round(100 * c.get("confidence", 0.95))
+            ci = f"[{signed(c['ci_low'])}, {signed(c['ci_high'])}]"
+            lines.append(f"| {label} | {name} | {signed(c['difference'])} | {ci}"
+                         f"{'' if level == 95 else f' ({level}%)'} | {c['a_only']} / "
+                         f"{c['b_only']} | {p_label(c['p_value'])} | "
+                         f"{'yes' if c['p_value'] < ALPHA else 'no'} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- several seeds
+
+METRICS = {"knn_top1": "kNN", "linear_top1": "linear"}
+
+
+def spread_label(values: Sequence[float]) -> str:
+    """`79.12 ± 0.31` (sample std over seeds), or the single value."""
+    spread = seed_spread(values)
+    return (f"{spread.mean:.2f}" if spread.std is None
+            else f"{spread.mean:.2f} ± {spread.std:.2f}")
+
+
+def per_seed_label(values: Sequence[float]) -> str:
+    return " / ".join(f"{v:.2f}" for v in values)
+
+
+def seed_test_label(tests: Sequence[Mapping[str, Any]] | None) -> str:
+    """Per-seed McNemar tests of SEED against its baseline: `p ≤ max over seeds (k/n seeds
+    significant)`."""
+    if not tests:
+        return "–"
+    worst = max(t["p_value"] for t in tests)
+    significant = sum(t["p_value"] < ALPHA and t["difference"] > 0 for t in tests)
+    return f"max p {p_label(worst)} ({significant}/{len(tests)} seeds significant)"
+
+
+def seeds_table(reproduce: Mapping[str, Any]) -> str:
+    """The `make reproduce` student table (`metrics/reproduce.json`, checked by
+    `readers.check_reproduce`).
+
+    Per student and metric: per-seed values and mean ± std of SEED and of its MoCo-v2 baseline,
+    the mean gain, the share of the baseline-to-teacher gap it recovers, and the per-seed paired
+    tests `students[arch]["paired"][metric]` when present.
+    """
+    teacher = reproduce.get("teacher", {})
+    lines = ["| Student | Metric | SEED per seed | SEED mean ± std | Baseline per seed | "
+             "Baseline mean ± std | Gain (points) | Gap recovered | Paired tests |",
+             "|---|---|--:|--:|--:|--:|--:|--:|---|"]
+    for arch, runs in reproduce.get("students", {}).items():
+        for metric, label in METRICS.items():
+            seed_v, base_v = runs["seed"][metric], runs["baseline"][metric]
+            gain = seed_spread(seed_v).mean - seed_spread(base_v).mean
+            t = teacher.get(metric)
+            gap = (t - seed_spread(base_v).mean) if isinstance(t, (int, float)) else None
+            recovered = f"{100 * gain / gap:.0f}%" if gap and gap > 0 else "–"
+            lines.append(f"| {arch} | {label} | {per_seed_label(seed_v)} | {spread_label(seed_v)} "
+                         f"| {per_seed_label(base_v)} | {spread_label(base_v)} | {signed(gain)} | "
+                         f"{recovered} | {seed_test_label(runs.get('paired', {}).get(metric))} |")
     return "\n".join(lines)
 
 

@@ -9,6 +9,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from seed_core.io import UserError
+
 CANONICAL = "seed_distill"
 SCHEMA = 1
 META_KEY = "seed_distill"  # key of the JSON metadata in the safetensors header
@@ -18,7 +20,7 @@ REQUIRED_META = ("format", "arch", "small_images", "feature_dim", "embed_dim", "
 SHOW_KEYS = 5  # offending keys named in an error
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint cannot be read or does not fit the requested architecture."""
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import pickle
 import re
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,48 @@ def load_untrusted(path: str | Path) -> Any:
             "`torch.save(ckpt['state_dict'], 'clean.pth')` or safetensors' save_file), then "
             "pass the clean file") from None
     except (RuntimeError, EOFError, ValueError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint: {err}") from None
+        # torch's first sentence is the fact; the rest of its text is generic advice
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        reason = reason.split(". ")[0].rstrip(".")
+        raise CheckpointError(f"{path}: not a readable torch checkpoint{_truncation(path)}: "
+                              f"{reason}. {_AGAIN}") from None
+
+
+_AGAIN = ("Copy or download it again (compare its sha256 with the source's), or pass "
+          "another checkpoint")
+ZIP_END = b"PK\x05\x06"  # zip end-of-central-directory record: torch.save's archives end so
+ZIP_START = b"PK\x03\x04"
+
+
+def _truncation(path: Path) -> str:
+    """`, truncated: ...` when the file's own structure shows that its end is missing."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        f.seek(max(0, size - (1 << 16) - 22))
+        tail = f.read()
+    if head.startswith(ZIP_START) and ZIP_END not in tail:
+        return f" (truncated: {size} bytes, the zip archive's end record is missing)"
+    if path.suffix == ".safetensors" and len(head) == 8:
+        expected = _safetensors_size(path, struct.unpack("<Q", head)[0])
+        if expected and size < expected:
+            return f" (truncated: {size} of the {expected} bytes its header declares)"
+    return ""
+
+
+def _safetensors_size(path: Path, header_len: int) -> int | None:
+    """The file size a safetensors header declares (8 + header + data); None if unreadable."""
+    if header_len > 100 * 2**20:  # the format caps headers at 100 MB
+        return None
+    with open(path, "rb") as f:
+        f.seek(8)
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError):
+        return None
+    return 8 + header_len + max(ends, default=0)
 
 
 def _read_safetensors(path: Path) -> Any:
@@ -54,7 +96,8 @@ def _read_safetensors(path: Path) -> Any:
             header = f.metadata() or {}
         tensors = load_file(str(path))
     except Exception as err:  # safetensors raises its own error types
-        raise CheckpointError(f"{path}: not a readable safetensors file: {err}") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file{_truncation(path)}: "
+                              f"{err}. {_AGAIN}") from None
     if META_KEY in header:
         return CanonicalCheckpoint(tensors=tensors, meta=json.loads(header[META_KEY]))
     return tensors
