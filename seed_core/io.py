@@ -1,12 +1,14 @@
 """Atomic file and directory writes, hashing, and JSON helpers.
 
 Every output goes to a temporary sibling first and is renamed into place, so an interrupted
-stage never leaves a half-written file that DVC would cache.
+stage never leaves a half-written file that DVC would cache. A write that fails because the disk,
+a quota or the file-size limit is full becomes a `DiskFullError` naming the output.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -14,6 +16,39 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+# ENOSPC: no space left; EDQUOT: quota exceeded; EFBIG: the file-size limit (RLIMIT_FSIZE,
+# a filesystem's maximum file size): all mean "make room, then re-run"
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class UserError(Exception):
+    """A problem the user fixes (an input file, a param, the disk), not a bug in the code.
+
+    Its message names the file, key or value and says what to do; stages print it alone, without
+    a traceback, and exit with status 1 (`seed_core.stagekit.user_errors`).
+    """
+
+
+class DiskFullError(UserError, OSError):
+    """An output could not be written for lack of space; the previous output is untouched."""
+
+
+def is_disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS
+
+
+def disk_full_error(target: str | Path, err: OSError) -> DiskFullError:
+    """The error to raise when writing `target` failed with a disk-full `err`."""
+    target = Path(target)
+    reason = os.strerror(err.errno) if err.errno else str(err)
+    full = DiskFullError(
+        f"{target}: could not be written: {reason} (errno {errno.errorcode.get(err.errno, '?')})"
+        f". The disk, a quota or the file-size limit (ulimit -f) is full: free space on "
+        f"{target.parent.resolve()} or raise the limit, then re-run. The previous {target.name}"
+        f" is untouched and no partial file was left.")
+    full.errno = err.errno
+    return full
 
 
 @contextlib.contextmanager
@@ -28,6 +63,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as err:
+        if is_disk_full(err) and not isinstance(err, DiskFullError):
+            raise disk_full_error(path, err) from err
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -48,6 +87,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+    except OSError as err:
+        # a file inside the temporary directory names a path the user never sees: name the output
+        if is_disk_full(err):
+            raise disk_full_error(path, err) from err
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

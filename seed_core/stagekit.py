@@ -1,44 +1,61 @@
-"""The frame every stage script runs in: logging, params, process group, tracking, timing."""
+"""The frame every stage script runs in: logging, errors the user fixes, MLflow tracking (torch-
+free, so stages that only read and write files start fast; `seed_core.launch.stage` adds the
+process group).
+
+Exit status of every stage: 0 done; 1 an error the user fixes (a bad param, a missing or corrupt
+input, a full disk), printed as one line `<stage>: error: <file/key/value>: <what to do>` without
+a traceback; 2 a command-line usage error (argparse). Anything else is a bug: Python prints its
+traceback (status 1).
+"""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
-import time
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+import sys
+from typing import Iterator
 
-from seed_core import distributed
-from seed_core.config import Params, flatten, load_params
-from seed_core.io import write_json
+from seed_core.config import Params, flatten
+from seed_core.io import UserError, is_disk_full
 from seed_core.tracking import NullTracker, Tracker, start_tracking
 
-
-@dataclass
-class StageContext:
-    params: Params
-    runtime: distributed.Runtime
-    tracker: Tracker
-    started: float = field(default_factory=time.perf_counter)
-
-    @property
-    def seconds(self) -> float:
-        return time.perf_counter() - self.started
-
-    def finish(self, metrics_path: str | os.PathLike, summary: dict[str, Any]) -> dict[str, Any]:
-        """On rank 0: add the wall time, write the stage's metrics JSON and track the numbers."""
-        summary = {**summary, "seconds": round(self.seconds, 3)}
-        if self.runtime.is_main:
-            write_json(metrics_path, summary)
-            self.tracker.log_metrics({k: v for k, v in summary.items()
-                                      if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        return summary
+EXIT_USER_ERROR = 1
 
 
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def user_error_message(name: str, err: BaseException) -> str | None:
+    """The one line a stage prints for an error the user fixes; None for a bug."""
+    if isinstance(err, UserError):
+        return f"{name}: error: {err}"
+    if isinstance(err, FileNotFoundError):
+        if err.filename is None:  # raised with its own message, e.g. by load_split
+            return f"{name}: error: {err}"
+        return (f"{name}: error: {err.filename}: no such file or directory; check the path "
+                f"(another stage's output? `dvc repro` makes it)")
+    if is_disk_full(err):
+        return (f"{name}: error: {err.filename or 'an output'}: could not be written: "
+                f"{err.strerror or err}. Free space (or raise the file-size limit), then re-run")
+    return None
+
+
+@contextlib.contextmanager
+def user_errors(name: str) -> Iterator[None]:
+    """Turn an error the user fixes into one line on stderr and exit status 1 (no traceback);
+    a bug keeps its traceback."""
+    try:
+        yield
+    except Exception as err:
+        message = user_error_message(name, err)
+        if message is None:
+            raise
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR) from None
 
 
 @contextlib.contextmanager
@@ -56,14 +73,9 @@ def tracked(name: str, params: Params | None, is_main: bool = True) -> Iterator[
     tracker.close()
 
 
-@contextlib.contextmanager
-def stage(name: str, params_path: str | os.PathLike = "params.yaml") -> Iterator[StageContext]:
-    """Run a stage body inside its process group and MLflow run (both closed on any exit)."""
-    setup_logging()
-    params = load_params(params_path)
-    runtime = distributed.setup()
-    try:
-        with tracked(name, params, runtime.is_main) as tracker:
-            yield StageContext(params, runtime, tracker)
-    finally:
-        distributed.cleanup()
+def add_params_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--params FILE` and repeatable `--set section.key=value` (what `dvc exp run -S` does to
+    params.yaml, for one run: `make reproduce` runs a student per seed this way)."""
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help="override one params value")

@@ -1,9 +1,16 @@
 """Experiment tracking behind a small interface; MLflow is imported lazily and used on rank 0.
 
 Runs are grouped as MLflow's UI expects for comparing configurations: one *parent* run per
-pipeline configuration (every params.yaml value, the final summary metrics), and one *child* run
-per stage execution (its curves and artifacts). Stages are separate processes, so the parent is
-found again by a tag holding a fingerprint of the configuration and the git commit.
+pipeline configuration (every params.yaml value, the final summary metrics, the report's paired
+tests), and one *child* run per stage execution (its curves and artifacts). Stages are separate
+processes, so the parent is found again by a tag holding a fingerprint of the configuration and
+the git commit. The parent starts with the first stage and ends with the latest one.
+
+Tracking never stops or stalls a stage. MLflow's HTTP client retries a dead server for minutes
+(7 retries, exponential backoff, 120 s timeout per attempt); `HTTP_BOUNDS` caps one failing call
+at 3 attempts of at most 10 s plus 2 s of backoff, and after the first failure the stage makes no
+further MLflow call. At its end one warning lists what was not logged. A run left RUNNING by a
+killed stage is marked KILLED by the next stage run on the same host.
 """
 
 from __future__ import annotations
@@ -13,15 +20,30 @@ import json
 import logging
 import math
 import os
+import re
+import socket
 import subprocess
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from seed_core.io import repo_root
 
 log = logging.getLogger(__name__)
 
 PIPELINE_TAG = "seed.pipeline_key"
+PROCESS_TAG = "seed.process"  # host:pid:start of the process that holds a run RUNNING
+HOST_TAG = "seed.host"
+# MLflow 3's UI opens an experiment in its GenAI view unless this tag names another kind; the
+# model-training view's value is in the UI's ExperimentKind enum (mlflow/server/js)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# caps on MLflow's HTTP retries (see the module docstring); a value set by the user wins
+HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 class Tracker(Protocol):
@@ -93,34 +115,196 @@ def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, f
     return flat
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _process_start(pid: int) -> str:
+    """Start time of `pid` in clock ticks since boot (Linux); "" where /proc cannot tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before ")" may hold spaces
+
+
+def process_tag(pid: int | None = None) -> str:
+    """`host:pid:start` of a process: the start time tells a reused pid apart."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
+
+
+def process_alive(tag: str) -> bool | None:
+    """Whether the process of a `process_tag` still runs; None when it ran on another host."""
+    parts = tag.rsplit(":", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    host, pid, start = parts[0], int(parts[1]), parts[2]
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, owned by someone else
+    return not start or _process_start(pid) == start
+
+
+def failure_reason(err: BaseException) -> str:
+    """A short reason for a failed MLflow call: `experiments/get-by-name: [Errno 111]
+    Connection refused` rather than urllib3's several hundred characters."""
+    text = str(err)
+    endpoint = re.search(r"/api/\d\.\d/mlflow/([\w/-]+)", text)
+    cause = re.search(r"\[Errno -?\d+\][^'\")]*|Read timed out(\. \(read timeout=[\d.]+\))?"
+                      r"|timed out", text)
+    if cause:
+        where = f"{endpoint.group(1)}: " if endpoint else ""
+        return f"{type(err).__name__}: {where}{cause.group(0).strip().rstrip('.')}"
+    first_line = (text.strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first_line[:300]}"
+
+
+class _QuietRetries(logging.Filter):
+    """Drops urllib3's "Retrying (...)" warnings: the tracker reports a dead server once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Retrying")
+
+
+_QUIET_RETRIES = _QuietRetries()
+
+
+@dataclass
+class Unlogged:
+    """What a stage could not send to MLflow, for the one warning at its end."""
+
+    run: bool = False
+    params: int = 0
+    metric_values: int = 0
+    metric_keys: set[str] = field(default_factory=set)
+    artifacts: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+    parent_metrics: set[str] = field(default_factory=set)
+    status: str = ""
+
+    def describe(self) -> str:
+        def keys(names: set[str]) -> str:
+            shown = sorted(names)
+            return ", ".join(shown[:8]) + (f" and {len(shown) - 8} more" if len(shown) > 8 else "")
+
+        parts = ["the stage's run itself (and its parent)"] if self.run else []
+        if self.params:
+            parts.append(f"{self.params} params")
+        if self.metric_values:
+            parts.append(f"{self.metric_values} metric values ({keys(self.metric_keys)})")
+        if self.parent_metrics:
+            parts.append(f"the pipeline run's metrics ({keys(self.parent_metrics)})")
+        if self.artifacts:
+            parts.append(f"artifacts {', '.join(self.artifacts)}")
+        if self.models:
+            parts.append(f"models {', '.join(self.models)}")
+        if self.status and not self.run:
+            parts.append(f"the run's final status {self.status}")
+        return "; ".join(parts) or "nothing"
+
+
 class MlflowTracker:
-    """A child run of the configuration's parent run (created on first use)."""
+    """A child run of the configuration's parent run (created on first use).
+
+    Every MLflow call goes through `_call`: the first failure (server down, network, full
+    store) switches tracking off for the rest of the stage, and `close` warns once with what
+    was lost. The stage's own outputs and metrics files never depend on MLflow.
+    """
 
     def __init__(self, stage: str, flat_params: Mapping[str, Any], experiment: str,
                  tracking_uri: str | None = None) -> None:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         os.environ.setdefault("DO_NOT_TRACK", "true")
+        for name, value in HTTP_BOUNDS.items():
+            os.environ.setdefault(name, value)
+        logging.getLogger("urllib3.connectionpool").addFilter(_QUIET_RETRIES)
         import mlflow
         from mlflow.tracking import MlflowClient
 
         self._mlflow = mlflow
-        uri = tracking_uri or default_tracking_uri()
-        mlflow.set_tracking_uri(uri)
-        self.client = MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        self.uri = tracking_uri or default_tracking_uri()
+        self.stage = stage
+        self.failure: str | None = None
+        self.unlogged = Unlogged()
+        self.experiment_id: str | None = None
+        self.parent_id: str | None = None
+        self.run_id: str | None = None
+        self._process = process_tag()
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self._call(self._start, lambda lost: setattr(lost, "run", True), flat_params, experiment)
 
+    def _call(self, fn: Callable[..., Any], lost: Callable[[Unlogged], None], *args: Any,
+              **kwargs: Any) -> Any:
+        """`fn(*args)` unless an earlier call failed; what could not be logged goes to `lost`."""
+        if self.failure is None:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:  # any failure: tracking must never stop the stage
+                self.failure = failure_reason(err)
+                log.info("MLflow at %s failed (%s); no further MLflow calls in this stage: a "
+                         "warning at its end lists what was not logged", self.uri, self.failure)
+        lost(self.unlogged)
+        return None
+
+    def _start(self, flat_params: Mapping[str, Any], experiment: str) -> None:
+        self.experiment_id = self._experiment(experiment)
+        self._end_stale_runs()
         commit = git_commit()
         exp_name = os.environ.get("DVC_EXP_NAME", "")
         key = pipeline_key(flat_params, commit)
-        tags = {"git_commit": commit, "dvc_stage": os.environ.get("DVC_STAGE", stage),
+        tags = {"git_commit": commit, "dvc_stage": os.environ.get("DVC_STAGE", self.stage),
                 "dvc_exp_name": exp_name, PIPELINE_TAG: key}
+        owner = {PROCESS_TAG: self._process, HOST_TAG: socket.gethostname()}
         self.parent_id = self._find_or_create_parent(key, flat_params, tags, exp_name)
+        for name, value in owner.items():
+            self.client.set_tag(self.parent_id, name, value)
         run = self.client.create_run(
             self.experiment_id, run_name=tags["dvc_stage"],
-            tags={**tags, "mlflow.parentRunId": self.parent_id, "seed.role": "stage"})
+            tags={**tags, **owner, "mlflow.parentRunId": self.parent_id, "seed.role": "stage"})
         self.run_id = run.info.run_id
-        log.info("MLflow: run %s (parent %s) at %s", self.run_id, self.parent_id, uri)
+        log.info("MLflow: run %s (parent %s) at %s", self.run_id, self.parent_id, self.uri)
+
+    def _experiment(self, name: str) -> str:
+        """The experiment's id (created if needed), tagged to open in the model-training view."""
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            try:
+                return self.client.create_experiment(name, tags={EXPERIMENT_KIND_TAG:
+                                                                 EXPERIMENT_KIND})
+            except self._mlflow.exceptions.MlflowException:
+                exp = self.client.get_experiment_by_name(name)  # another stage created it
+                if exp is None:
+                    raise
+        # the UI stores its own guess (`..._inferred`); an explicit kind set by a user stays
+        kind = exp.tags.get(EXPERIMENT_KIND_TAG, "")
+        if not kind or kind.endswith("_inferred") or kind == "no_inferred_type":
+            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG,
+                                           EXPERIMENT_KIND)
+        return exp.experiment_id
+
+    def _end_stale_runs(self) -> None:
+        """Mark KILLED the runs this host left RUNNING whose process is gone (a stage killed
+        with SIGKILL, or by a lost machine, never closes its run). Runs held by other hosts
+        are left alone: their process cannot be checked from here."""
+        stale = self.client.search_runs(
+            [self.experiment_id], max_results=1000,
+            filter_string=f"attributes.status = 'RUNNING' and "
+                          f"tags.`{HOST_TAG}` = '{socket.gethostname()}'")
+        for run in stale:
+            owner = run.data.tags.get(PROCESS_TAG, "")
+            if owner and owner != self._process and process_alive(owner) is False:
+                self.client.set_tag(run.info.run_id, "seed.ended_by", f"stage {self.stage}: "
+                                    f"process {owner} no longer runs")
+                self.client.set_terminated(run.info.run_id, "KILLED")
+                log.info("MLflow: marked KILLED the run %s (%s) that process %s left RUNNING",
+                         run.info.run_id, run.info.run_name, owner)
 
     def _find_or_create_parent(self, key: str, flat_params: Mapping[str, Any],
                                tags: Mapping[str, str], exp_name: str) -> str:
@@ -129,13 +313,13 @@ class MlflowTracker:
             filter_string=f"tags.`{PIPELINE_TAG}` = '{key}' and tags.`seed.role` = 'pipeline'",
             max_results=1)
         if found:
+            # RUNNING while one of its stages runs; `close` ends it again at the stage's end
+            self.client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
         name = exp_name or f"pipeline-{key[:8]}"
         run = self.client.create_run(self.experiment_id, run_name=name,
                                      tags={**tags, "seed.role": "pipeline"})
         self._log_params(run.info.run_id, flat_params)
-        # the parent stays RUNNING-free: it is a container; mark it finished at once
-        self.client.set_terminated(run.info.run_id, "FINISHED")
         return run.info.run_id
 
     def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
@@ -147,39 +331,50 @@ class MlflowTracker:
             self.client.log_batch(run_id, params=items[i:i + 100])
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        self._log_params(self.run_id, params)
+        def lost(u: Unlogged) -> None:
+            u.params += len(params)
+
+        self._call(self._log_params, lost, self.run_id, params)
+
+    def _log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        self.client.log_batch(run_id, metrics=[Metric(k, v, now, step)
+                                               for k, v in metrics.items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-        import time
+        finite = _finite(metrics)
+        if not finite:
+            return
 
-        now = int(time.time() * 1000)
-        items = [Metric(k, v, now, step or 0) for k, v in _finite(metrics).items()]
-        if items:
-            self.client.log_batch(self.run_id, metrics=items)
+        def lost(u: Unlogged) -> None:
+            u.metric_values += len(finite)
+            u.metric_keys.update(finite)
+
+        self._call(self._log_metrics, lost, self.run_id, finite, step or 0)
 
     def log_parent_metrics(self, metrics: Mapping[str, float]) -> None:
-        from mlflow.entities import Metric
-        import time
+        finite = _finite(metrics)
+        if finite:
+            self._call(self._log_metrics, lambda u: u.parent_metrics.update(finite),
+                       self.parent_id, finite, 0)
 
-        now = int(time.time() * 1000)
-        items = [Metric(k, v, now, 0) for k, v in _finite(metrics).items()]
-        if items:
-            self.client.log_batch(self.parent_id, metrics=items)
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        path = Path(path)
+    def _log_artifact(self, path: Path, artifact_path: str | None) -> None:
         if path.is_dir():
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_model(self, model: Any, name: str, registered_name: str | None = None) -> None:
-        """Log a torch module as an MLflow model (pickle format: input shapes stay free)."""
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._call(self._log_artifact, lambda u: u.artifacts.append(str(path)), Path(path),
+                   artifact_path)
+
+    def _log_model(self, model: Any, name: str, registered_name: str | None) -> None:
         import mlflow.pytorch
+        import timm
         import torch
         import torchvision
-        import timm
 
         # explicit requirements: inferring them imports and scans everything (~9 s)
         reqs = [f"torch=={torch.__version__.split('+')[0]}",
@@ -190,8 +385,27 @@ class MlflowTracker:
                                      serialization_format="pickle",
                                      registered_model_name=registered_name)
 
+    def log_model(self, model: Any, name: str, registered_name: str | None = None) -> None:
+        """Log a torch module as an MLflow model (pickle format: input shapes stay free)."""
+        label = f"{name} (registered as {registered_name})" if registered_name else name
+        self._call(self._log_model, lambda u: u.models.append(label), model, name,
+                   registered_name)
+
+    def _finish(self, status: str) -> None:
+        now = _now_ms()
+        self.client.set_terminated(self.run_id, status, end_time=now)
+        # the parent spans its pipeline: from its first stage's start to its latest stage's end
+        self.client.set_terminated(self.parent_id, status, end_time=now)
+
     def close(self, failed: bool = False) -> None:
-        self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+        status = "FAILED" if failed else "FINISHED"
+        self._call(self._finish, lambda u: setattr(u, "status", status), status)
+        if self.failure is not None:
+            log.warning(
+                "MLflow at %s failed in this stage (%s). Not logged: %s. The stage's outputs "
+                "and metrics files are complete (`dvc metrics show`); to log it, bring the "
+                "server back and re-run `dvc repro -f -s %s`.", self.uri, self.failure,
+                self.unlogged.describe(), self.stage)
 
 
 def start_tracking(stage: str, flat_params: Mapping[str, Any], experiment: str,

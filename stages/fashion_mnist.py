@@ -2,7 +2,9 @@
 
 Writes `train.tsv`/`.lineidx` (the 60k training set, or a class-balanced `data.limit_train`
 subset), `val.tsv`/`.lineidx` (the official 10k test set, or `data.limit_val` of it) and
-`labelmap.txt` into --out, atomically, plus per-split/per-class counts in --metrics.
+`labelmap.txt` into --out, atomically, plus per-split/per-class counts in --metrics. Missing,
+corrupt or truncated IDX files, a bad `data.*` value and a full disk stop it with one line that
+says what to do (exit status 1), and leave the previous --out untouched.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from seed_core.config import DataConfig, load_params
+from seed_core.config import ConfigError, DataConfig, load_params
 from seed_core.data import fashion_mnist as fm
 from seed_core.data.tsv import write_tsv
 from seed_core.io import atomic_dir, write_json, write_text
-from seed_core.stagekit import setup_logging, tracked
+from seed_core.stagekit import setup_logging, tracked, user_errors
 
 log = logging.getLogger("stages.fashion_mnist")
 
@@ -44,7 +46,8 @@ def export(data: DataConfig, out_dir: Path) -> dict:
             try:
                 indices = fm.balanced_subset(labels, limits[split], data.seed)
             except ValueError as err:
-                raise ValueError(f"params 'data.limit_{split}': {err}") from None
+                raise ConfigError(f"params: 'data.limit_{split}' {err}; lower it (0 = all)",
+                                  f"data.limit_{split}") from None
             records = fm.iter_records(images, labels, indices, source)
             written = write_tsv(tmp_dir / f"{split}.tsv",
                                 tqdm(records, total=len(indices), desc=split, unit="img",
@@ -58,16 +61,13 @@ def export(data: DataConfig, out_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = parse_args(argv)
-    params = load_params(args.params)
-    try:
+    with user_errors("fashion_mnist"):
+        params = load_params(args.params)
         with tracked("fashion_mnist", params) as tracker:
             metrics = export(params.data, Path(args.out))
             write_json(args.metrics, metrics)
             tracker.log_metrics({f"{split}_samples": metrics[split]["samples"]
                                  for split in SPLITS})
-    except (FileNotFoundError, fm.FashionMnistError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     return 0
 
 

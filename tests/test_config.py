@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from seed_core.config import (ConfigError, DistillConfig, flatten, load_params, parse_params,
+from seed_core.config import (ConfigError, DistillConfig, check_image_size, check_knn_bank,
+                              flatten, key_lines, load_params, min_image_size, parse_params,
                               small_patch_size)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +87,7 @@ def test_invariants_are_checked_at_load_time(raw: dict, message: str) -> None:
 def test_load_params_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "params.yaml"
     path.write_text("distill:\n  epochs: many\n")
-    with pytest.raises(ConfigError, match=rf"{path}: params: 'distill\.epochs' must be int"):
+    with pytest.raises(ConfigError, match=rf"{path}:2: params: 'distill\.epochs' must be int"):
         load_params(path)
     path.write_text("distill: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
@@ -116,3 +117,155 @@ def test_teacher_epochs_default_to_the_baseline_epochs() -> None:
     assert pretrain.role_arch(longer, "baseline") == ("resnet10t", False, 6)
     with pytest.raises(ConfigError, match=r"'pretrain\.teacher_epochs' must be >= 0"):
         parse_params({"pretrain": {"teacher_epochs": -1}})
+
+
+@pytest.mark.parametrize("section", ["pretrain", "distill"])
+@pytest.mark.parametrize("key, value, message", [
+    ("lr", -0.03, r"must be > 0 \(per 256 images\), got -0\.03"),
+    ("lr", 0, r"must be > 0"),
+    ("momentum", -0.9, r"must be in \[0, 1\), got -0\.9"),
+    ("momentum", 1.0, r"must be in \[0, 1\), got 1\.0"),
+    ("weight_decay", -1e-4, r"must be >= 0, got -0\.0001"),
+    ("warmup_epochs", -1, r"must be in \[0, 6\] \(the run's epochs\), got -1\.0"),
+    ("warmup_epochs", 7, r"must be in \[0, 6\]"),
+    ("log_every", 0, r"must be >= 1 \(steps between logged values\), got 0"),
+    ("seed", -1, r"must be >= 0 \(numpy refuses negative seeds\), got -1"),
+])
+def test_optimizer_values_are_checked(section: str, key: str, value: object,
+                                      message: str) -> None:
+    with pytest.raises(ConfigError, match=rf"'{section}\.{key}' {message}") as err:
+        parse_params({section: {"epochs": 6, key: value}})
+    assert err.value.key == f"{section}.{key}"
+
+
+def test_pretrain_warmup_is_bounded_by_the_shorter_run() -> None:
+    # a 2-epoch teacher cannot warm up for 3 epochs, even if the baseline runs 6
+    with pytest.raises(ConfigError, match=r"'pretrain\.warmup_epochs' must be in \[0, 2\]"):
+        parse_params({"pretrain": {"epochs": 6, "teacher_epochs": 2, "warmup_epochs": 3}})
+    assert parse_params({"pretrain": {"epochs": 6, "teacher_epochs": 12,
+                                      "warmup_epochs": 6}}).pretrain.warmup_epochs == 6.0
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"knn": {"sweep_k": [10, 0, 50]}}, r"'knn\.sweep_k' entries must be >= 1"),
+    ({"knn": {"sweep_k": [-5]}}, r"'knn\.sweep_k' entries must be >= 1"),
+    ({"features": {"batch_size": 0}}, r"'features\.batch_size' must be >= 1, got 0"),
+    ({"data": {"seed": -3}}, r"'data\.seed' must be >= 0"),
+    ({"distill": {"small_size": -1}}, r"'distill\.small_size' must be >= 0"),
+    ({"pretrain": {"embed_dim": 0}}, r"'pretrain\.embed_dim' must be >= 1"),
+    ({"distill": {"hidden_dim": -1}}, r"'distill\.hidden_dim' must be >= 0"),
+])
+def test_more_values_are_checked(raw: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_params(raw)
+
+
+def test_queue_size_need_not_be_a_multiple_of_the_batch() -> None:
+    # SEED's code asserts K % batch == 0 (its enqueue cannot wrap); EmbeddingQueue wraps, which
+    # tests/test_queue.py checks against a naive FIFO, so only "one batch fits" is required
+    params = parse_params({"distill": {"queue_size": 4100, "batch_size": 256},
+                           "pretrain": {"queue_size": 300, "batch_size": 256}})
+    assert params.distill.queue_size % params.distill.batch_size != 0
+    with pytest.raises(ConfigError, match=r"'pretrain\.queue_size' must be >= the global batch "
+                                          r"pretrain\.batch_size=256, got 255"):
+        parse_params({"pretrain": {"queue_size": 255, "batch_size": 256}})
+
+
+def test_errors_name_the_line_of_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    text = ("# comment\ndata:\n  image_size: 32\n\ndistill:\n  epochs: 6\n  lr: -0.03\n"
+            "knn:\n  sweep_k:\n    - 10\n    - 0\n")
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"^{path}:7: params: 'distill\.lr' must be > 0"):
+        load_params(path)
+    path.write_text(text.replace("-0.03", "0.03").replace("- 0", "- ten"))
+    with pytest.raises(ConfigError, match=rf"^{path}:11: params: 'knn\.sweep_k\[1\]' must be "
+                                          rf"int, got str 'ten'"):
+        load_params(path)
+    path.write_text(text.replace("  lr: -0.03\n", "  lr: 0.03\n  epoch: 3\n"))
+    with pytest.raises(ConfigError, match=rf"^{path}:8: params: unknown key 'distill\.epoch'"):
+        load_params(path)
+    assert key_lines(text)["data.image_size"] == 3 and key_lines(text)["knn"] == 8
+    assert key_lines("[unclosed") == {}
+
+
+def test_invariant_of_a_key_absent_from_the_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("distill:\n  batch_size: 8192\n")  # the default queue_size is now too small
+    with pytest.raises(ConfigError, match=rf"^{path}: params: 'distill\.queue_size' must be >= "
+                                          rf"the global batch distill\.batch_size=8192"):
+        load_params(path)
+
+
+def test_knn_k_above_the_bank_is_an_error() -> None:
+    check_knn_bank([20, 10, 50], 50, "data/features/student")
+    with pytest.raises(ConfigError, match=r"data/features/student: params: knn k \[50, 100\] "
+                                          r"exceed\(s\) the kNN bank of 45 training samples "
+                                          r"\(train minus the holdout split\); lower knn\.k / "
+                                          r"knn\.sweep_k below 46"):
+        check_knn_bank([20, 100, 50, 10], 45, "data/features/student")
+
+
+# the measured strides: a sample of each family of FAMILY_STRIDES, with both stems
+STRIDE_SAMPLE = ["resnet18", "resnet18d", "resnet10t", "resnet50", "resnet50w2", "resnext26ts",
+                 "seresnext26d_32x4d", "ecaresnet26t", "wide_resnet50_2", "mobilenetv2_100",
+                 "mobilenetv3_small_050", "mobilenetv3_large_100", "efficientnet_b0",
+                 "tf_efficientnet_b0"]
+
+
+@pytest.mark.parametrize("arch", STRIDE_SAMPLE)
+def test_min_image_size_is_half_the_measured_stride(arch: str) -> None:
+    import torch
+
+    from seed_core.models.backbones import create_backbone
+
+    for small in (False, True):
+        try:
+            with torch.device("meta"):  # shapes only: no weights, no compute
+                model = create_backbone(arch, small_images=small)
+                out = model.forward_features(torch.empty(1, 3, 256, 256))
+        except ValueError as err:
+            assert small and "no known stem" in str(err)  # small_images unsupported: no claim
+            continue
+        assert min_image_size(arch, small) == 256 // out.shape[-1] // 2, (arch, small)
+
+
+def test_min_image_size_makes_no_claim_on_unknown_families() -> None:
+    assert min_image_size("vit_small_patch16_224", False) is None
+    assert min_image_size("convnext_tiny", True) is None
+
+
+def test_image_size_below_half_the_stride_is_named_with_the_fix() -> None:
+    check_image_size(parse_params({"data": {"image_size": 16}}))  # the tiny tests' size
+    check_image_size(parse_params({"data": {"image_size": 8},
+                                   "student": {"small_images": True},
+                                   "teacher": {"small_images": True}}))
+    # checked at load time: a params file cannot hold it
+    with pytest.raises(ConfigError, match=r"'data\.image_size' is below half of student\.arch "
+                                          r"resnet10t's total stride \(32\): .* use "
+                                          r"data\.image_size >= 16, or set "
+                                          r"student\.small_images: true \(then >= 4\), got 15"):
+        parse_params({"data": {"image_size": 15}})
+    with pytest.raises(ConfigError, match=r"below half of teacher\.arch mobilenetv3_large_100's "
+                                          r"total stride \(32\): .* >= 16, or set "
+                                          r"teacher\.small_images: true \(then >= 8\), got 15"):
+        parse_params({"data": {"image_size": 15}, "student": {"small_images": True},
+                      "teacher": {"arch": "mobilenetv3_large_100"}})
+
+
+def test_overrides_are_checked_like_the_file(tmp_path) -> None:
+    """`--set section.key=value` (make reproduce's per-run params) goes through the same checks."""
+    from seed_core.config import apply_overrides
+
+    path = tmp_path / "params.yaml"
+    path.write_text("distill:\n  epochs: 3\n")
+    params = load_params(path, ["distill.seed=2", "student.arch=resnet18", "distill.lr=0.06"])
+    assert (params.distill.seed, params.student.arch, params.distill.lr) == (2, "resnet18", 0.06)
+    assert params.distill.epochs == 3  # the file's other values stay
+    with pytest.raises(ConfigError, match=r"--set 'distill\.epoch=3': .*unknown key "
+                                          r"'distill\.epoch'"):
+        load_params(path, ["distill.epoch=3"])
+    with pytest.raises(ConfigError, match=r"--set 'distill\.epochs=six': .*must be int"):
+        load_params(path, ["distill.epochs=six"])
+    with pytest.raises(ConfigError, match=r"expected section\.key=value"):
+        apply_overrides({}, ["seed=1"])

@@ -1,9 +1,16 @@
 """Tracking: where runs go, who logs, and how stage runs hang under one pipeline run."""
 
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from seed_core import tracking
 from seed_core.config import flatten, parse_params
 from seed_core.stagekit import tracked
@@ -96,3 +103,140 @@ def test_another_configuration_gets_another_parent(sqlite_store: str) -> None:
 def test_no_params_means_no_tracking() -> None:
     with tracked("shards", None) as tracker:
         assert isinstance(tracker, tracking.NullTracker)
+
+
+def test_experiment_opens_in_the_model_training_view(sqlite_store: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(sqlite_store)
+    with tracked("distill", parse_params({})):
+        pass
+    exp = client.get_experiment_by_name("seed-distill")
+    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    # an experiment made elsewhere, or one the UI tagged with its own guess, is re-tagged ...
+    other = client.create_experiment("other", tags={tracking.EXPERIMENT_KIND_TAG:
+                                                    "genai_development_inferred"})
+    tracking.MlflowTracker("knn", {}, "other").close()
+    assert client.get_experiment(other).tags[tracking.EXPERIMENT_KIND_TAG] == \
+        "custom_model_development"
+    # ... but a kind chosen by a person stays
+    client.set_experiment_tag(other, tracking.EXPERIMENT_KIND_TAG, "genai_development")
+    tracking.MlflowTracker("knn", {}, "other").close()
+    assert client.get_experiment(other).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_parent_spans_its_pipeline_from_first_start_to_last_end(sqlite_store: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(sqlite_store)
+    params = parse_params({"knn": {"k": 7}})
+    with tracked("fashion_mnist", params) as first:
+        time.sleep(0.05)
+    parent = client.get_run(first.parent_id).info
+    first_run = client.get_run(first.run_id).info
+    assert parent.start_time <= first_run.start_time and parent.end_time == first_run.end_time
+    time.sleep(0.3)
+    with tracked("report", params) as last:
+        # RUNNING while one of its stages runs
+        assert client.get_run(last.parent_id).info.status == "RUNNING"
+        time.sleep(0.05)
+    parent = client.get_run(last.parent_id).info
+    assert last.parent_id == first.parent_id
+    assert parent.start_time == client.get_run(first.parent_id).info.start_time
+    assert parent.end_time == client.get_run(last.run_id).info.end_time
+    assert parent.end_time - parent.start_time >= 400  # not the 11 ms of a container run
+    assert parent.status == "FINISHED"
+
+
+def test_stale_runs_of_dead_processes_on_this_host_are_marked_killed(sqlite_store: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(sqlite_store)
+    exp = client.create_experiment("seed-distill")
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # a pid whose process is gone
+    alive = subprocess.Popen(["sleep", "60"])  # another stage, still running
+    host = socket.gethostname()
+    owners = {"dead": tracking.process_tag(child.pid),
+              "alive": tracking.process_tag(alive.pid),
+              "other_host": f"elsewhere:{child.pid}:1",
+              "reused_pid": f"{host}:{alive.pid}:0"}  # a live pid, another start time
+    runs = {name: client.create_run(exp, run_name=name, tags={
+        tracking.PROCESS_TAG: owner, tracking.HOST_TAG: owner.rsplit(":", 2)[0]}).info.run_id
+        for name, owner in owners.items()}
+    try:
+        with tracked("knn@student", parse_params({})):
+            pass
+    finally:
+        alive.kill()
+        alive.wait()
+    status = {name: client.get_run(run_id).info.status for name, run_id in runs.items()}
+    assert status == {"dead": "KILLED", "alive": "RUNNING", "other_host": "RUNNING",
+                      "reused_pid": "KILLED"}
+
+
+def test_process_alive() -> None:
+    assert tracking.process_alive(tracking.process_tag()) is True
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    tag = tracking.process_tag(child.pid)
+    child.wait()
+    assert tracking.process_alive(tag) is False
+    assert tracking.process_alive(f"not-{socket.gethostname()}:1:5") is None
+    assert tracking.process_alive("garbage") is None
+
+
+def test_failure_reason_is_short_and_names_the_endpoint() -> None:
+    refused = RuntimeError(
+        "API request to http://127.0.0.1:5999/api/2.0/mlflow/runs/log-batch failed with "
+        "exception HTTPConnectionPool(host='127.0.0.1', port=5999): Max retries exceeded with url:"
+        " /api/2.0/mlflow/runs/log-batch (Caused by NewConnectionError(\"HTTPConnection(host="
+        "'127.0.0.1', port=5999): Failed to establish a new connection: [Errno 111] Connection "
+        "refused\"))")
+    assert tracking.failure_reason(refused) == \
+        "RuntimeError: runs/log-batch: [Errno 111] Connection refused"
+    slow = RuntimeError("API request to http://h/api/2.0/mlflow/runs/create failed with "
+                        "exception HTTPConnectionPool(host='h', port=1): Read timed out. "
+                        "(read timeout=10)")
+    assert tracking.failure_reason(slow) == \
+        "RuntimeError: runs/create: Read timed out. (read timeout=10)"
+    assert tracking.failure_reason(ValueError("bad\nsecond line")) == "ValueError: bad"
+
+
+def test_after_the_first_failure_no_call_reaches_mlflow(monkeypatch, caplog) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    started = time.perf_counter()
+    tracker = tracking.MlflowTracker("distill", {"distill.lr": 0.03}, "seed-distill", dead)
+    first_call_s = time.perf_counter() - started
+    assert tracker.failure and "Connection refused" in tracker.failure
+
+    def no_call(*args, **kwargs):
+        raise AssertionError("an MLflow call after the first failure")
+
+    monkeypatch.setattr(tracker.client, "log_batch", no_call)
+    monkeypatch.setattr(tracker.client, "set_terminated", no_call)
+    started = time.perf_counter()
+    for step in range(200):
+        tracker.log_metrics({"loss": 1.0, "lr": 0.1, "nan": float("nan")}, step=step)
+    tracker.log_parent_metrics({"student.knn_top1": 80.0})
+    tracker.log_artifact("plots/distill.csv")
+    tracker.log_model(object(), "student", registered_name="seed-student")
+    with caplog.at_level(logging.INFO, logger="seed_core.tracking"):
+        tracker.close()
+    assert time.perf_counter() - started < 0.5
+    assert first_call_s < 8  # 3 refused attempts and 2 s of backoff
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert ("Not logged: the stage's run itself (and its parent); 400 metric values (loss, lr); "
+            "the pipeline run's metrics (student.knn_top1); artifacts plots/distill.csv; models "
+            "student (registered as seed-student).") in message
+    assert dead in message and "dvc repro -f -s distill" in message
+
+
+def test_http_retries_are_bounded_unless_the_user_chose(monkeypatch, tmp_path: Path) -> None:
+    for name in tracking.HTTP_BOUNDS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    tracking.MlflowTracker("x", {}, "e", f"sqlite:///{tmp_path / 'm.db'}").close()
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "30"

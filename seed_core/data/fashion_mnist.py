@@ -17,6 +17,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
+from seed_core.io import UserError
+
 DEFAULT_SOURCE_DIR = "/usr/share/datasets/fashion-mnist"
 
 # Zalando's label order: line i of labelmap.txt is label i
@@ -39,7 +41,7 @@ _INSTALL_HINT = ("install it with `apt-get install dataset-fashion-mnist` or poi
                  "`data.source_dir` in params.yaml at a directory holding the four IDX .gz files")
 
 
-class FashionMnistError(ValueError):
+class FashionMnistError(UserError, ValueError):
     """An IDX file is corrupt, truncated or inconsistent with its partner file."""
 
 
