@@ -14,7 +14,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo test fashion-mnist bench clean
+.PHONY: install demo reproduce test fashion-mnist bench clean
 
 install: $(STAMP)
 
@@ -48,13 +48,27 @@ demo: install fashion-mnist
 	time dvc repro
 	@echo; cat reports/summary.md
 
+# the paper's student table in miniature: reproduce.students x {baseline, SEED} x reproduce.seeds,
+# from the demo's teacher (reproduce/dvc.yaml; runs the demo's stages first if needed)
+reproduce: install fashion-mnist
+	time dvc repro reproduce/dvc.yaml
+	@echo; cat reports/reproduce.md
+
 test: install fashion-mnist
 	python -m pytest -q
 
+# every benchmark prints one JSON object; the linear one needs the pipeline's outputs (make demo)
+LINEAR_BENCH_INPUTS := data/features/student models/student data/shards/train data/shards/val
 bench: install
 	python bench/bench_step.py
 	python bench/bench_knn.py
 	python bench/bench_shards.py
+	@if ls -d $(LINEAR_BENCH_INPUTS) >/dev/null 2>&1; then \
+	  python bench/bench_linear.py --features data/features/student --model models/student \
+	    --train-shards data/shards/train --val-shards data/shards/val; \
+	else \
+	  echo '{"benchmark": "linear", "skipped": "needs $(LINEAR_BENCH_INPUTS): run make demo first"}'; \
+	fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache

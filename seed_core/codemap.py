@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -121,26 +122,40 @@ def stage_source_files(stage_file: str | Path) -> list[Path]:
 # ----------------------------------------------------------------------------- dvc.yaml
 
 
-def stage_scripts(dvc_yaml: Path) -> dict[str, Path]:
-    """`{stage name in dvc.yaml: the script under stages/ its command runs}`."""
+def pipelines(repo: Path) -> list[Path]:
+    """The repository's dvc.yaml files: the main pipeline and those one directory down
+    (`reproduce/dvc.yaml`)."""
+    return [repo / "dvc.yaml", *sorted(p for p in repo.glob("*/dvc.yaml")
+                                       if not p.parent.name.startswith("."))]
+
+
+def stage_scripts(dvc_yaml: Path) -> dict[str, list[Path]]:
+    """`{stage name: the scripts under stages/ its command (or command list) runs}`."""
     stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
-    scripts = {}
+    scripts: dict[str, list[Path]] = {}
     for name, stage in stages.items():
         body = stage.get("do", stage)
-        for word in str(body["cmd"]).split():
-            if word.startswith("stages/") and word.endswith(".py"):
-                scripts[name] = dvc_yaml.parent / word
-                break
+        commands = body["cmd"] if isinstance(body["cmd"], list) else [body["cmd"]]
+        found = [(dvc_yaml.parent / word).resolve() for command in commands
+                 for word in str(command).split()
+                 if re.fullmatch(r"(\.\./)*stages/\w+\.py", word)]
+        if found:
+            scripts[name] = found
     return scripts
 
 
-def expected_code_deps(repo: Path, script: Path, graph: ImportGraph) -> set[str]:
-    """The code files a stage runs: its script and the seed_core files it imports."""
-    return {script.relative_to(repo).as_posix(), *graph.paths(graph.closure(script))}
+def expected_code_deps(repo: Path, scripts: list[Path], graph: ImportGraph) -> set[str]:
+    """The code files a stage runs (repository-relative): its scripts and the seed_core files
+    they import."""
+    files = {s.relative_to(repo).as_posix() for s in scripts}
+    for script in scripts:
+        files |= set(graph.paths(graph.closure(script)))
+    return files
 
 
 def _python_files(repo: Path, entry: str) -> set[str]:
-    """A listed dep as the Python files it covers (a directory covers every file under it)."""
+    """A listed dep (repository-relative) as the Python files it covers (a directory covers
+    every file under it)."""
     path = repo / entry
     if path.is_dir():
         return {p.relative_to(repo).as_posix() for p in path.rglob("*.py")}
@@ -161,48 +176,60 @@ def compact_code_deps(repo: Path, files: set[str]) -> list[str]:
     return sorted(entries + sorted(files - covered))
 
 
-def listed_code_deps(stage: dict) -> list[str]:
+_CODE_DEP = re.compile(r"(?:\.\./)*(?:seed_core|stages)(?:/\S*)?")
+
+
+def listed_code_deps(stage: dict, base: Path, repo: Path) -> list[str]:
+    """A stage's code deps, made repository-relative (`base`: its dvc.yaml's directory)."""
     body = stage.get("do", stage)
-    return [str(d) for d in body.get("deps") or []
-            if str(d).startswith((f"{PACKAGE}/", "stages/")) or str(d) == PACKAGE]
+    return [(base / str(d)).resolve().relative_to(repo).as_posix()
+            for d in body.get("deps") or [] if _CODE_DEP.fullmatch(str(d))]
 
 
 def dvc_code_deps_problems(repo: Path) -> list[str]:
-    """What each dvc.yaml stage misses or lists too many of its code dependencies."""
+    """What each stage of each pipeline misses or lists too many of its code dependencies."""
+    repo = repo.resolve()
     graph = ImportGraph(repo)
-    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     problems = []
-    for name, script in stage_scripts(repo / "dvc.yaml").items():
-        expected = expected_code_deps(repo, script, graph)
-        listed: set[str] = set()
-        for entry in listed_code_deps(stages[name]):
-            listed |= _python_files(repo, entry)
-        missing, extra = sorted(expected - listed), sorted(listed - expected)
-        if missing:
-            problems.append(f"stage {name}: its deps miss {missing}")
-        if extra:
-            problems.append(f"stage {name}: its deps list {extra}, which it does not import")
+    for dvc_yaml in pipelines(repo):
+        stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+        prefix = "" if dvc_yaml.parent == repo else f"{dvc_yaml.relative_to(repo)}:"
+        for name, scripts in stage_scripts(dvc_yaml).items():
+            expected = expected_code_deps(repo, scripts, graph)
+            listed: set[str] = set()
+            for entry in listed_code_deps(stages[name], dvc_yaml.parent, repo):
+                listed |= _python_files(repo, entry)
+            missing, extra = sorted(expected - listed), sorted(listed - expected)
+            if missing:
+                problems.append(f"stage {prefix}{name}: its deps miss {missing}")
+            if extra:
+                problems.append(f"stage {prefix}{name}: its deps list {extra}, which it does "
+                                f"not import")
     if problems:
         problems.append("run `python -m seed_core.codemap --fix-dvc` to rewrite them")
     return problems
 
 
-def fix_dvc_code_deps(repo: Path) -> str:
-    """dvc.yaml's text with each stage's code deps replaced by what it imports (other deps,
-    comments and layout untouched)."""
+def fix_dvc_code_deps(repo: Path, dvc_yaml: Path) -> str:
+    """`dvc_yaml`'s text with each stage's code deps replaced by what it imports (other deps,
+    comments and layout untouched); paths relative to the dvc.yaml's directory."""
+    repo = repo.resolve()
     graph = ImportGraph(repo)
-    scripts = stage_scripts(repo / "dvc.yaml")
+    scripts = stage_scripts(dvc_yaml)
+    up = os.path.relpath(repo, dvc_yaml.parent.resolve())
+    prefix = "" if up == "." else up + "/"
     out: list[str] = []
     stage, replaced = None, False
-    for line in (repo / "dvc.yaml").read_text().splitlines(keepends=True):
+    for line in dvc_yaml.read_text().splitlines(keepends=True):
         top = re.match(r"^  ([A-Za-z_][\w-]*):", line)
         if top:
             stage, replaced = top.group(1), False
-        dep = re.match(r"^(\s+)- ((?:seed_core|stages/)\S*)\s*$", line)
-        if dep and stage in scripts:
+        dep = re.match(r"^(\s+)- (\S+)\s*$", line)
+        if dep and stage in scripts and _CODE_DEP.fullmatch(dep.group(2)):
             if not replaced:
                 files = expected_code_deps(repo, scripts[stage], graph)
-                out += [f"{dep.group(1)}- {entry}\n" for entry in compact_code_deps(repo, files)]
+                out += [f"{dep.group(1)}- {prefix}{entry}\n"
+                        for entry in compact_code_deps(repo, files)]
                 replaced = True
             continue
         out.append(line)
@@ -221,14 +248,16 @@ def subpackage_doc(graph: ImportGraph, module: str) -> str:
 
 def code_map(repo: Path) -> str:
     """The README's code map: subpackage or edge module -> what it owns -> stages using it."""
+    repo = repo.resolve()
     graph = ImportGraph(repo)
-    scripts = stage_scripts(repo / "dvc.yaml")
     users: dict[str, set[str]] = {}
-    for name, script in scripts.items():
-        for module in graph.closure(script):
-            parts = module.split(".")
-            unit = ".".join(parts[:2]) if len(parts) > 1 else module
-            users.setdefault(unit, set()).add(name.split("@")[0])
+    for dvc_yaml in pipelines(repo):
+        prefix = "" if dvc_yaml.parent == repo else f"{dvc_yaml.parent.name}:"
+        for name, scripts in stage_scripts(dvc_yaml).items():
+            for module in set().union(*(graph.closure(s) for s in scripts)):
+                parts = module.split(".")
+                unit = ".".join(parts[:2]) if len(parts) > 1 else module
+                users.setdefault(unit, set()).add(prefix + name.split("@")[0])
     units = sorted({".".join(m.split(".")[:2]) for m in graph.files if m != PACKAGE})
     rows = ["| code | what it owns | stages that import it |", "|---|---|---|"]
     for unit in units:
@@ -258,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     repo = Path(args.repo)
     if args.fix_dvc:
-        (repo / "dvc.yaml").write_text(fix_dvc_code_deps(repo))
+        for dvc_yaml in pipelines(repo):
+            dvc_yaml.write_text(fix_dvc_code_deps(repo, dvc_yaml))
     problems = dvc_code_deps_problems(repo)
     if args.readme:
         readme = Path(args.readme)

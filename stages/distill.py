@@ -22,10 +22,11 @@ from seed_core.data.order import stream_seed
 from seed_core.data.shardset import open_shards
 from seed_core.data.transforms import MultiView, small_patch_transform, ssl_transform
 from seed_core.io import sha256_file
+from seed_core.launch import stage
 from seed_core.models.encoder import build_encoder
 from seed_core.precision import autocast
 from seed_core.queue import EmbeddingQueue
-from seed_core.stagekit import stage
+from seed_core.stagekit import add_params_arguments
 from seed_core.teachers.canonical import load_canonical, resolve_canonical_file
 from seed_core.train.curves import StepLog
 from seed_core.train.distill import seed_step
@@ -36,8 +37,9 @@ from seed_core.train.schedule import schedule_for
 log = logging.getLogger("distill")
 # distillation diagnostics logged beside the loss (see seed_core.losses)
 DIAGNOSTICS = ["queue_entropy", "agreement"]
-# the teacher's SSL method decides the augmentation (SEED follows its teacher)
-RECIPE_OF_FORMAT = {"swav": "swav", "simclr": "simclr"}
+# the teacher's SSL method decides the augmentation, as SEED's code does (`tools/utils.py`):
+# every other format (MoCo-v2, MoCo-v3, DINO, our own...) gets the MoCo-v2 recipe
+RECIPE_OF_FORMAT = {"swav": "swav", "simclr": "simclr", "moco_v1": "moco_v1"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metrics", required=True, help="metrics JSON")
     parser.add_argument("--teacher-cache", default=None,
                         help="teacher embeddings (stage teacher_cache) for queue_init: cache")
-    parser.add_argument("--params", default="params.yaml")
+    add_params_arguments(parser)
     parser.add_argument("--checkpoint-dir", default="checkpoints/distill")
     parser.add_argument("--no-mlflow-model", action="store_true",
                         help="skip logging the student as an MLflow model")
@@ -96,7 +98,7 @@ def distill(args: argparse.Namespace, params: Params, rt: distributed.Runtime, t
     cfg, data = params.distill, params.data
     per_rank_batch(cfg.batch_size, rt.world_size, "distill.batch_size")
     shards = open_shards(args.shards)
-    schedule = schedule_for(cfg, cfg.epochs, shards.samples)
+    schedule = schedule_for(cfg, cfg.epochs, shards)
     teacher, teacher_meta = load_canonical(args.teacher, device=rt.device)
     teacher.eval().requires_grad_(False)  # frozen, in eval mode, outside DDP
     embed_dim = int(teacher_meta["embed_dim"])
@@ -157,7 +159,7 @@ def distill(args: argparse.Namespace, params: Params, rt: distributed.Runtime, t
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    with stage("distill", args.params) as ctx:
+    with stage("distill", args.params, args.overrides) as ctx:
         summary = ctx.finish(args.metrics, distill(args, ctx.params, ctx.runtime, ctx.tracker))
         if ctx.runtime.is_main:
             ctx.tracker.log_artifact(args.curves)

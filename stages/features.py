@@ -25,7 +25,8 @@ from seed_core.data.shardset import ShardSet, check_same_classes, open_shards
 from seed_core.data.transforms import eval_transform
 from seed_core.evaluation.extract import SplitFeatures, extract_split
 from seed_core.io import atomic_dir, write_json
-from seed_core.stagekit import stage
+from seed_core.launch import stage
+from seed_core.stagekit import add_params_arguments
 from seed_core.teachers.canonical import load_canonical
 
 log = logging.getLogger("features")
@@ -42,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", default=None,
                         help="model name for the stage and metrics (default: OUT's name)")
     parser.add_argument("--metrics", default=None, help="optional metrics JSON")
-    parser.add_argument("--params", default="params.yaml")
+    add_params_arguments(parser)
     parser.add_argument("--embeddings", action="store_true",
                         help="also store the L2-normalised embedding (head output)")
     return parser.parse_args(argv)
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace, params: Params, rt: distributed.Runtime) -> di
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.name = args.name or Path(args.out).name
-    with stage(f"features@{args.name}", args.params) as ctx:
+    with stage(f"features@{args.name}", args.params, args.overrides) as ctx:
         summary = run(args, ctx.params, ctx.runtime)
         if ctx.runtime.is_main:
             summary = ctx.finish(args.metrics, summary) if args.metrics else summary

@@ -1,6 +1,7 @@
 """Stage `pretrain`: MoCo-v2 self-supervised pre-training, used twice by the pipeline.
 
-`--target teacher` pre-trains the teacher (`teacher.arch`) when `teacher.checkpoint` is empty;
+`--target teacher` pre-trains the teacher (`teacher.arch`) unless `teacher.checkpoint` names an
+external file;
 `--target baseline` trains the student architecture (`student.arch`) alone: the SSL baseline of the
 paper's tables. Launch with torchrun (gloo on CPU, NCCL on GPU); resumable after a crash, also
 with another number of processes. The result is written in the canonical form that
@@ -21,10 +22,11 @@ from seed_core.config import Params
 from seed_core.data.shardset import open_shards
 from seed_core.data.transforms import MultiView, moco_v2_transform
 from seed_core.io import atomic_dir, write_json
+from seed_core.launch import stage
 from seed_core.models.encoder import build_encoder
 from seed_core.precision import autocast
 from seed_core.queue import EmbeddingQueue
-from seed_core.stagekit import stage
+from seed_core.stagekit import add_params_arguments
 from seed_core.train.curves import StepLog
 from seed_core.train.moco import moco_step
 from seed_core.train.run import (CURVE_COLUMNS, TrainingRun, checkpoint_store, per_rank_batch,
@@ -42,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output directory (canonical model)")
     parser.add_argument("--curves", required=True, help="per-step CSV (a DVC plot)")
     parser.add_argument("--metrics", required=True, help="metrics JSON")
-    parser.add_argument("--params", default="params.yaml")
+    add_params_arguments(parser)
     parser.add_argument("--checkpoint-dir", default=None,
                         help="resumable state (default: checkpoints/pretrain_<role>)")
     return parser.parse_args(argv)
@@ -72,7 +74,7 @@ def pretrain(args: argparse.Namespace, params: Params, rt: distributed.Runtime,
     arch, small_images, epochs = role_arch(params, args.target)
     per_rank_batch(cfg.batch_size, rt.world_size, "pretrain.batch_size")
     shards = open_shards(args.shards)
-    schedule = schedule_for(cfg, epochs, shards.samples)
+    schedule = schedule_for(cfg, epochs, shards)
 
     torch.manual_seed(cfg.seed)  # same initial weights and queue on every rank
     query, model = place(build_encoder(arch, small_images, cfg.embed_dim,
@@ -118,8 +120,8 @@ def pretrain(args: argparse.Namespace, params: Params, rt: distributed.Runtime,
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    with stage(f"pretrain@{args.target}", args.params) as ctx:
-        if args.target == "teacher" and ctx.params.teacher.checkpoint:
+    with stage(f"pretrain@{args.target}", args.params, args.overrides) as ctx:
+        if args.target == "teacher" and not ctx.params.teacher.pretrained_here:
             if ctx.runtime.is_main:
                 write_skipped(args, ctx.params)
             return

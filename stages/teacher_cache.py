@@ -14,7 +14,8 @@ from seed_core.data.shardset import open_shards
 from seed_core.data.transforms import eval_transform
 from seed_core.evaluation.extract import extract_split
 from seed_core.io import atomic_dir, write_json
-from seed_core.stagekit import stage
+from seed_core.launch import stage
+from seed_core.stagekit import add_params_arguments
 from seed_core.teachers.canonical import load_canonical
 
 log = logging.getLogger("teacher_cache")
@@ -26,13 +27,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shards", required=True, help="training shards: directory or URL")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--metrics", required=True)
-    parser.add_argument("--params", default="params.yaml")
+    add_params_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    with stage("teacher_cache", args.params) as ctx:
+    with stage("teacher_cache", args.params, args.overrides) as ctx:
         rt, params = ctx.runtime, ctx.params
         teacher, meta = load_canonical(args.teacher, device=rt.device)
         teacher.eval()

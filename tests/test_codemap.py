@@ -43,15 +43,15 @@ def test_the_check_fails_when_a_stage_misses_or_adds_a_module(tmp_path) -> None:
     # a new import in a module shows up in every stage that runs it
     (repo / "seed_core" / "queue.py").write_text((repo / "seed_core" / "queue.py").read_text()
                                                   + "\nfrom seed_core.report import plots\n")
-    (repo / "dvc.yaml").write_text(fix_dvc_code_deps(repo))
+    (repo / "dvc.yaml").write_text(fix_dvc_code_deps(repo, repo / "dvc.yaml"))
     assert dvc_code_deps_problems(repo) == []
     assert "seed_core/report/plots.py" in (repo / "dvc.yaml").read_text()
 
 
 def test_each_edit_reruns_only_what_it_can_affect(graph) -> None:
     """Issue 9's three edits, by the import graph (the e2e test runs them through dvc)."""
-    users = {name: graph.paths(graph.closure(script))
-             for name, script in stage_scripts(ROOT / "dvc.yaml").items()}
+    users = {name: set().union(*(graph.paths(graph.closure(s)) for s in scripts))
+             for name, scripts in stage_scripts(ROOT / "dvc.yaml").items()}
 
     def affected(path: str) -> set[str]:
         return {name for name, files in users.items() if path in files}

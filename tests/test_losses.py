@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from seed_core import losses
 from seed_core.losses import infonce_loss, queue_entropy, seed_agreement, seed_loss
 
 
@@ -116,3 +117,58 @@ def test_queue_entropy_bounds() -> None:
     t, q = unit(4, 8, seed=25), unit(15, 8, seed=26)
     assert queue_entropy(t, q, 1e-4).item() == pytest.approx(0.0, abs=1e-4)
     assert queue_entropy(t, q, 1e6).item() == pytest.approx(math.log(16), rel=1e-4)
+
+
+@pytest.mark.parametrize("tt", [1e-4, 0.01, 0.1])
+def test_seed_loss_gradient_matches_naive_loop_with_soft_targets(tt: float) -> None:
+    """Queue entries near the teacher embeddings make the target soft: the gradient computed in
+    the forward pass must match autograd through the paper's per-sample definition."""
+    t, noise = unit(6, 16, seed=30), unit(6, 16, seed=31)
+    q = torch.cat([F.normalize(t + 0.002 * noise, dim=1), unit(40, 16, seed=32)])
+    s = unit(6, 16, seed=33)
+    s1 = s.clone().requires_grad_(True)
+    s2 = s.clone().double().requires_grad_(True)
+    fast = seed_loss(s1, t, q, 0.2, tt)
+    fast.backward()
+    slow = naive_seed_loss(s2, t.double(), q.double(), 0.2, tt)
+    slow.backward()
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-5)
+    torch.testing.assert_close(s1.grad, s2.grad.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_seed_loss_backward_scales_with_upstream_gradient_and_keeps_inputs() -> None:
+    s, t, q = unit(5, 8, seed=34), unit(5, 8, seed=35), unit(30, 8, seed=36)
+    before = [x.clone() for x in (s, t, q)]
+    s1, s2 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    seed_loss(s1, t, q, 0.2, 0.05).backward()
+    (3.0 * seed_loss(s2, t, q, 0.2, 0.05)).backward()
+    torch.testing.assert_close(s2.grad, 3.0 * s1.grad)
+    for x, old in zip((s, t, q), before):
+        assert torch.equal(x, old), "seed_loss must not write into its inputs"
+
+
+def test_seed_loss_without_gradient_and_under_autocast_is_float32() -> None:
+    s, t, q = unit(4, 8, seed=37), unit(4, 8, seed=38), unit(20, 8, seed=39)
+    exact = seed_loss(s.double(), t.double(), q.double(), 0.2, 1e-4)
+    plain = seed_loss(s, t, q, 0.2, 1e-4)
+    assert not plain.requires_grad and plain.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = seed_loss(s.requires_grad_(True), t, q, 0.2, 1e-4)
+    # bf16 logits at 1 / t_teacher = 1e4 would be 64 apart: the loss would be far off
+    assert cast.dtype == torch.float32 and cast.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert plain.item() == pytest.approx(exact.item(), rel=1e-5)
+
+
+def test_seed_loss_buffer_reuse_path_equals_fresh_buffers(monkeypatch) -> None:
+    """CPU softmaxes overwrite their logits; other devices take fresh buffers (`_in_place`):
+    both paths give the same loss and gradient."""
+    s, t, q = unit(6, 8, seed=40), unit(6, 8, seed=41), unit(25, 8, seed=42)
+    results = []
+    for in_place in (losses._in_place, lambda x: None):
+        monkeypatch.setattr(losses, "_in_place", in_place)
+        s1 = s.clone().requires_grad_(True)
+        loss = seed_loss(s1, t, q, 0.2, 0.01)
+        loss.backward()
+        results.append((loss.detach(), s1.grad))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)

@@ -315,3 +315,64 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_refused(setup)
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "params: 'distill.batch_size' = 8 is not divisible by the 3 processes" in done.stderr
+
+
+# --- bad data met during training and feature extraction ------------------------------------
+
+def corrupted_copy(setup: dict, name: str, victims: list[int]) -> str:
+    """A copy of the shards with the image bytes of samples `victims` overwritten in place."""
+    from seed_core.data.shardset import open_shards
+
+    target = setup["root"] / name
+    target.mkdir()
+    for item in Path(setup["shards"]).iterdir():
+        (target / item.name).write_bytes(item.read_bytes())
+    shards = open_shards(target)
+    index = shards.index
+    for i in victims:
+        with open(shards.shard_path(int(index.shard[i])), "r+b") as f:
+            f.seek(int(index.offsets[i]) + 16)
+            f.write(b"\xff" * 24)  # a PNG with a broken header chunk
+    return str(target)
+
+
+def test_unreadable_samples_are_counted_and_fatal_above_the_threshold(setup, tmp_path) -> None:
+    lenient = tmp_path / "params.yaml"
+    lenient.write_text(yaml.safe_dump({**TINY, "data": {**TINY["data"],
+                                                        "max_bad_fraction": 0.05}}))
+    one_bad = corrupted_copy(setup, "shards-one-bad", [5])
+    run(command({**setup, "params": lenient}, "distill", "one-bad", shards=one_bad))
+    metrics = json.loads((setup["root"] / "one-bad" / "metrics.json").read_text())
+    assert 1 <= metrics["bad_samples"] <= 2  # read once per epoch unless left out
+    many_bad = corrupted_copy(setup, "shards-many-bad", list(range(0, 70, 7)))  # 10 of 70
+    done = subprocess.run(command({**setup, "params": lenient}, "distill", "many-bad",
+                                  shards=many_bad), env=ENV, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "could not be read, more than the allowed 5% (data.max_bad_fraction)" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (setup["root"] / "many-bad" / "model").exists()
+    # feature extraction: the unreadable sample is left out and counted, and over the threshold
+    # the stage fails without writing its output
+    features = [sys.executable, str(ROOT / "stages" / "features.py"), "--model",
+                str(setup["teacher"]), "--val-shards", setup["shards"], "--params", str(lenient)]
+    run([*features, "--train-shards", one_bad, "--out", str(tmp_path / "f1"), "--metrics",
+         str(tmp_path / "f1.json")])
+    counted = json.loads((tmp_path / "f1.json").read_text())
+    assert counted["train_bad_samples"] == 1 and counted["train_samples"] == 69
+    failed = subprocess.run([*features, "--train-shards", many_bad, "--out", str(tmp_path / "f2")],
+                            env=ENV, capture_output=True, text=True, timeout=240)
+    assert failed.returncode == 1 and "10 of 70 samples (14.29%) could not be read" in \
+        failed.stderr
+    assert not (tmp_path / "f2").exists()
+
+
+def test_fewer_samples_than_one_global_batch_is_refused(setup, tmp_path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({**TINY, "distill": {**TINY["distill"], "batch_size": 128,
+                                                          "queue_size": 128}}))
+    done = subprocess.run(command({**setup, "params": params}, "distill", "too-few"), env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "70 samples cannot fill one global batch of 128" in done.stderr
+    assert "Traceback" not in done.stderr

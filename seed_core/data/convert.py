@@ -49,7 +49,7 @@ from seed_core.config import DataConfig
 from seed_core.data.images import ImageError, verify_image
 from seed_core.data.shardset import INDEX_SUFFIX, MANIFEST_NAME, ShardIndex
 from seed_core.data.tsv import TSV_COLUMNS, TsvFormatError, line_offsets, read_line, split_line
-from seed_core.io import atomic_dir, write_json
+from seed_core.io import UserError, atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ _DIGITS_RE = re.compile(rb"[0-9]+")
 _NEGATIVE_RE = re.compile(rb"-[0-9]+")
 
 
-class ShardConversionError(RuntimeError):
+class ShardConversionError(UserError, RuntimeError):
     """A bad record under `strict`, or an unusable input file."""
 
 

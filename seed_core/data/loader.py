@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from seed_core.data.images import ImageError, decode_pixels
 from seed_core.data.order import EpochPlan, epoch_order, stream_seed
 from seed_core.data.shardset import SampleReader, SampleReadError, ShardSet
+from seed_core.io import UserError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ MAX_REPLACEMENTS = 64  # consecutive unreadable samples before the shards are de
 Transform = Callable[[torch.Tensor], Any]
 
 
-class TooManyBadSamples(RuntimeError):
+class TooManyBadSamples(UserError, RuntimeError):
     """More unreadable samples than the allowed fraction."""
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from seed_core.io import UserError
+
 BLOCK = 64  # consecutive samples of a shard read together (a few MB of ImageNet JPEGs)
 WINDOW = 8192  # samples shuffled together after the block shuffle
 
@@ -42,13 +44,17 @@ def epoch_order(num_samples: int, seed: int, epoch: int, block: int = BLOCK,
     return order
 
 
+class PlanError(UserError, ValueError):
+    """A batch that the data or the number of processes cannot fill."""
+
+
 def steps_per_epoch(shards, global_batch: int) -> int:
     """Full global batches in one epoch of `shards` (a `ShardSet` or a sample count)."""
     samples = shards if isinstance(shards, int) else shards.samples
     where = "" if isinstance(shards, int) else f"{shards.root}: "
     steps = samples // global_batch
     if steps < 1:
-        raise ValueError(f"{where}{samples} samples cannot fill one global batch of "
+        raise PlanError(f"{where}{samples} samples cannot fill one global batch of "
                          f"{global_batch}; lower the batch size or use more data")
     return steps
 
@@ -63,7 +69,7 @@ class EpochPlan:
 
     def __post_init__(self) -> None:
         if self.world_size < 1 or self.global_batch % self.world_size:
-            raise ValueError(f"the global batch {self.global_batch} is not divisible by the "
+            raise PlanError(f"the global batch {self.global_batch} is not divisible by the "
                              f"world size {self.world_size}")
         steps_per_epoch(self.num_samples, self.global_batch)
 

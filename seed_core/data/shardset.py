@@ -38,6 +38,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from seed_core.io import UserError
 
 MANIFEST_NAME = "manifest.json"
 INDEX_SUFFIX = ".idx.json"
@@ -49,7 +50,7 @@ DOWNLOAD_TIMEOUT_S = 60.0
 _CREATE_SHARDS = "create the shards with `python stages/shards.py --tsv FILE --out DIR`"
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """A manifest, index or shard is missing, inconsistent or unsafe."""
 
 

@@ -17,12 +17,12 @@ from typing import BinaryIO, Iterable
 
 import numpy as np
 
-from seed_core.io import atomic_path
+from seed_core.io import UserError, atomic_path
 
 TSV_COLUMNS = 3  # key, label, base64 image
 
 
-class TsvFormatError(ValueError):
+class TsvFormatError(UserError, ValueError):
     """A TSV row or its line index does not follow SEED's format."""
 
 

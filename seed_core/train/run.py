@@ -15,6 +15,7 @@ from torch import nn
 
 from seed_core import distributed
 from seed_core.codemap import stage_source_files
+from seed_core.config import ConfigError
 from seed_core.data.loader import check_bad_fraction, log_bad, training_batches
 from seed_core.data.shardset import MANIFEST_NAME, ShardSet
 from seed_core.io import atomic_dir, sha256_file
@@ -37,7 +38,7 @@ CURVE_COLUMNS = ["step", "epoch", "loss", "lr", "data_seconds", "step_seconds"]
 def per_rank_batch(global_batch: int, world_size: int, key: str) -> int:
     """The batch of one rank; the global batch (params `key`) must split evenly over ranks."""
     if global_batch % world_size:
-        raise ValueError(f"params: '{key}' = {global_batch} is not divisible by the "
+        raise ConfigError(f"params: '{key}' = {global_batch} is not divisible by the "
                          f"{world_size} processes of this launch (WORLD_SIZE); choose a "
                          f"multiple of {world_size} or launch a divisor of {global_batch}")
     return global_batch // world_size

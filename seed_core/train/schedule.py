@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 import torch
 
+from seed_core.data.order import steps_per_epoch
+
 
 def scaled_lr(base_lr: float, global_batch: int) -> float:
     """The linear scaling rule of MoCo and SEED: lr = base x global batch / 256."""
@@ -56,7 +58,8 @@ class Schedule:
         return scaled_lr(self.base_lr, self.global_batch)
 
 
-def schedule_for(cfg: Any, epochs: int, samples: int) -> Schedule:
-    """The schedule of a `pretrain` or `distill` params section over `samples` training samples."""
-    return Schedule(epochs, samples // cfg.batch_size, cfg.batch_size, cfg.lr, cfg.momentum,
-                    cfg.weight_decay, cfg.warmup_epochs)
+def schedule_for(cfg: Any, epochs: int, shards: Any) -> Schedule:
+    """The schedule of a `pretrain` or `distill` params section over `shards` (a `ShardSet`);
+    fails naming the numbers when the data cannot fill one global batch."""
+    return Schedule(epochs, steps_per_epoch(shards, cfg.batch_size), cfg.batch_size, cfg.lr,
+                    cfg.momentum, cfg.weight_decay, cfg.warmup_epochs)
