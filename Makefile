@@ -14,7 +14,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo reproduce test fashion-mnist bench clean
+.PHONY: install demo reproduce test test-fast fashion-mnist bench clean
 
 install: $(STAMP)
 
@@ -56,6 +56,10 @@ reproduce: install fashion-mnist
 
 test: install fashion-mnist
 	python -m pytest -q
+
+# the unit tests only (no end-to-end dvc repro, no fault injection into real processes)
+test-fast: install
+	python -m pytest -q -m "not e2e and not faults"
 
 # every benchmark prints one JSON object; the linear one needs the pipeline's outputs (make demo)
 LINEAR_BENCH_INPUTS := data/features/student models/student data/shards/train data/shards/val

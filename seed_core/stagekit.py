@@ -1,6 +1,6 @@
-"""The frame every stage script runs in: logging, errors the user fixes, MLflow tracking (torch-
-free, so stages that only read and write files start fast; `seed_core.launch.stage` adds the
-process group).
+"""The frame every stage script runs in: logging, errors the user fixes, MLflow tracking
+(without torch, so stages that only read and write files start fast; `seed_core.launch.stage`
+adds the process group).
 
 Exit status of every stage: 0 done; 1 an error the user fixes (a bad param, a missing or corrupt
 input, a full disk), printed as one line `<stage>: error: <file/key/value>: <what to do>` without

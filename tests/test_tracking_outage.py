@@ -33,6 +33,8 @@ PRETRAIN_PARAMS = {"data": {"image_size": 16, "workers": 0},
 REFUSED_BOUND_S = 6.0
 TRACKING_WARNING = re.compile(r"seed_core\.tracking WARNING (.*)")
 
+pytestmark = pytest.mark.faults
+
 
 class Server:
     """A real `mlflow server` (sqlite store) in its own process group, so that a kill or a stop

@@ -1,7 +1,8 @@
-"""Evaluation of frozen representations: feature extraction and feature files (`features`),
-weighted kNN (`knn`), linear probes (`linear`), accuracy metrics (`metrics`) and the holdout
-split that hyper-parameters are chosen on (`splits`). Pure tensor functions apart from the
-feature files; the report reads what these produce, never the reverse.
+"""Evaluation of frozen representations: feature extraction over ranks (`extract`) and feature
+files (`features`), weighted kNN (`knn`), linear probes (`linear`), accuracy metrics (`metrics`),
+the holdout split (`splits`) that k, T and the probe's lr are chosen on (`selection`), per-sample
+test predictions (`predictions`) and the paired statistics that compare models (`stats`). Pure
+functions apart from the files; the report reads what these produce, never the reverse.
 
 `knn_classify` is exported lazily, so importing `seed_core.evaluation.features` does not load
 the kNN code (and a kNN edit does not re-run the feature stages).

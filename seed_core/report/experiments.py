@@ -1,0 +1,160 @@
+"""The settings search and ablation table, from the actual DVC experiments.
+
+    python -m seed_core.report.experiments --collect metrics/experiments.json  # dvc exp show
+    python -m seed_core.report.experiments README.md [--check]                  # the table
+
+`--collect` reads `dvc exp show --json` (the committed baseline run and every experiment made on
+it with `dvc exp run -S ...`) and keeps, per run, the params that differ from the baseline, the
+headline accuracies of `metrics/summary.json`, the paired SEED-vs-baseline tests of
+`metrics/paired.json` and the seconds of the training stages. Experiments live in local git refs
+that a clone does not fetch, so the rows are committed as `metrics/experiments.json`, and the
+README's section between the markers is rendered from that file (`--check`: exit 1 if stale).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+from seed_core.io import read_json, write_json
+
+BEGIN, END = "<!-- experiments: begin -->", "<!-- experiments: end -->"
+MODELS = ("teacher", "baseline", "student")
+PROTOCOLS = ("knn", "linear")
+TRAINING_METRICS = ("pretrain_teacher.json", "pretrain_baseline.json", "distill.json")
+
+
+def flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _file_data(section: Mapping[str, Any], name: str) -> dict[str, Any]:
+    for path, entry in (section or {}).items():
+        if Path(path).name == name and isinstance(entry, Mapping):
+            return dict(entry.get("data") or {})
+    return {}
+
+
+def run_row(name: str, data: Mapping[str, Any], base_params: Mapping[str, Any]) -> dict[str, Any]:
+    """One run of `dvc exp show --json`: changed params, accuracies, tests, training seconds."""
+    params = flat(_file_data(data.get("params", {}), "params.yaml"))
+    metrics = data.get("metrics", {})
+    summary = _file_data(metrics, "summary.json")
+    paired = _file_data(metrics, "paired.json")
+    changed = {k: v for k, v in params.items() if base_params.get(k) != v}
+    return {
+        "name": name, "changed": changed,
+        "top1": {model: {p: summary.get(model, {}).get(f"{p}_top1") for p in PROTOCOLS}
+                 for model in MODELS},
+        "seed_vs_baseline": {p: {key: paired.get(p, {}).get("student_vs_baseline", {}).get(key)
+                                 for key in ("difference", "p_value")} for p in PROTOCOLS},
+        "seconds": {Path(n).stem: _file_data(metrics, n).get("seconds")
+                    for n in TRAINING_METRICS},
+    }
+
+
+def collect(shown: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of the baseline commit (the workspace excluded) and of its experiments."""
+    rows: list[dict[str, Any]] = []
+    for baseline in shown:
+        if baseline.get("rev") == "workspace" or not baseline.get("data"):
+            continue
+        base_params = flat(_file_data(baseline["data"].get("params", {}), "params.yaml"))
+        rows.append(run_row(baseline.get("name") or baseline["rev"][:7], baseline["data"],
+                            base_params))
+        for experiment in baseline.get("experiments") or []:
+            for rev in experiment.get("revs") or []:
+                if rev.get("data") and not rev.get("error"):
+                    rows.append(run_row(rev.get("name") or experiment.get("name"),
+                                        rev["data"], base_params))
+    return rows
+
+
+def _pct(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) else "–"
+
+
+def _gain(row: Mapping[str, Any], protocol: str) -> str:
+    test = row["seed_vs_baseline"][protocol]
+    if not isinstance(test.get("difference"), (int, float)):
+        return "–"
+    p = test.get("p_value")
+    p_text = f"p={p:.1e}" if isinstance(p, float) and p < 1e-3 else f"p={p:.3f}"
+    return f"{test['difference']:+.2f} ({p_text})"
+
+
+def command(row: Mapping[str, Any]) -> str:
+    if not row["changed"]:
+        return "`dvc repro` (the defaults)"
+    sets = " ".join(f"-S {k}={json.dumps(v) if isinstance(v, list) else v}"
+                    for k, v in sorted(row["changed"].items()))
+    return f"`dvc exp run {sets}`"
+
+
+def table(rows: list[Mapping[str, Any]]) -> str:
+    lines = ["| run | changed | teacher kNN / lin | baseline kNN / lin | SEED kNN / lin | "
+             "SEED − baseline, kNN | SEED − baseline, linear | distill s | command |",
+             "|---|---|--:|--:|--:|--:|--:|--:|---|"]
+    for row in rows:
+        changed = ", ".join(f"`{k}={v}`" for k, v in sorted(row["changed"].items())) or "–"
+        accuracies = " | ".join(f"{_pct(row['top1'][m]['knn'])} / {_pct(row['top1'][m]['linear'])}"
+                                for m in MODELS)
+        seconds = row["seconds"].get("distill")
+        seconds_text = f"{seconds:.0f}" if isinstance(seconds, (int, float)) else "–"
+        lines.append(f"| {row['name']} | {changed} | {accuracies} | {_gain(row, 'knn')} | "
+                     f"{_gain(row, 'linear')} | {seconds_text} | {command(row)} |")
+    return "\n".join(lines)
+
+
+def section(rows: list[Mapping[str, Any]]) -> str:
+    return (f"{BEGIN}\n{table(rows)}\n\nTest-split top-1 (%); the paired test of SEED against "
+            f"the baseline is McNemar's, on the same 10,000 test images (see above). `distill "
+            f"s`: the stage's own seconds.\n{END}")
+
+
+def splice(text: str, new: str, where: str) -> str:
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{where}: lacks the markers {BEGIN} / {END}")
+    head, rest = text.split(BEGIN, 1)
+    return head + new + rest.split(END, 1)[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m seed_core.report.experiments",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("readme", nargs="?", help="README to rewrite (or --check)")
+    parser.add_argument("--rows", default="metrics/experiments.json")
+    parser.add_argument("--collect", action="store_true",
+                        help="write --rows from `dvc exp show --json` first")
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    if args.collect:
+        shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], check=True,
+                                          capture_output=True, text=True).stdout)
+        write_json(args.rows, collect(shown))
+    if args.readme:
+        readme = Path(args.readme)
+        text = readme.read_text()
+        new = splice(text, section(read_json(args.rows)), str(readme))
+        if args.check:
+            if new != text:
+                print(f"{readme}: the experiments table is stale; run python -m "
+                      f"seed_core.report.experiments {readme}", file=sys.stderr)
+                return 1
+        else:
+            readme.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The settings search / ablation table: rows collected from `dvc exp show --json`, rendered
+into the README between its markers, checked for staleness."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from seed_core.report.experiments import BEGIN, END, collect, main, table
+
+
+def run(x: dict, summary: dict, paired: dict, name: str, rev: str) -> dict:
+    return {"rev": rev, "name": name, "error": None, "data": {
+        "rev": rev, "params": {"params.yaml": {"data": x}},
+        "metrics": {"metrics/summary.json": {"data": summary},
+                    "metrics/paired.json": {"data": paired},
+                    "metrics/distill.json": {"data": {"seconds": 87.4}}}}}
+
+
+def summary(seed: float) -> dict:
+    return {"teacher": {"knn_top1": 80.0, "linear_top1": 83.0},
+            "baseline": {"knn_top1": 60.0, "linear_top1": 61.0},
+            "student": {"knn_top1": seed, "linear_top1": seed + 2}}
+
+
+PAIRED = {"knn": {"student_vs_baseline": {"difference": 13.4, "p_value": 1e-40}},
+          "linear": {"student_vs_baseline": {"difference": 15.7, "p_value": 2e-3}}}
+BASE = {"distill": {"t_teacher": 0.0001, "hidden_dim": 0}, "student": {"arch": "m"}}
+SHOWN = [
+    {"rev": "workspace", "name": None, "data": {"params": {}}, "error": None,
+     "experiments": None},
+    {**run(BASE, summary(73.4), PAIRED, "main", "a" * 40), "experiments": [
+        {"name": "tt001", "revs": [run({**BASE, "distill": {"t_teacher": 0.01, "hidden_dim": 0}},
+                                       summary(74.0), PAIRED, "tt001", "b" * 40)]},
+        {"name": "broken", "revs": [{"rev": "c" * 40, "name": "broken", "data": None,
+                                     "error": {"msg": "failed"}}]}]},
+]
+
+
+def test_rows_keep_what_changed_and_the_headline_numbers() -> None:
+    rows = collect(SHOWN)
+    assert [r["name"] for r in rows] == ["main", "tt001"]  # workspace and failed runs left out
+    assert rows[0]["changed"] == {} and rows[1]["changed"] == {"distill.t_teacher": 0.01}
+    assert rows[1]["top1"]["student"] == {"knn": 74.0, "linear": 76.0}
+    assert rows[1]["seed_vs_baseline"]["knn"] == {"difference": 13.4, "p_value": 1e-40}
+    assert rows[1]["seconds"]["distill"] == 87.4
+    text = table(rows)
+    assert "| tt001 | `distill.t_teacher=0.01` | 80.00 / 83.00 | 60.00 / 61.00 | 74.00 / 76.00 |" \
+        in text
+    assert "+13.40 (p=1.0e-40) | +15.70 (p=0.002) | 87 | `dvc exp run -S distill.t_teacher=0.01`" \
+        in text
+
+
+def test_readme_section_is_rewritten_and_checked(tmp_path: Path) -> None:
+    rows = tmp_path / "experiments.json"
+    rows.write_text(json.dumps(collect(SHOWN)))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{BEGIN}\nold\n{END}\n\nafter\n")
+    assert main([str(readme), "--rows", str(rows), "--check"]) == 1
+    assert main([str(readme), "--rows", str(rows)]) == 0
+    assert "| tt001 |" in readme.read_text() and readme.read_text().endswith("\n\nafter\n")
+    assert main([str(readme), "--rows", str(rows), "--check"]) == 0
+    readme.write_text("no markers")
+    with pytest.raises(ValueError, match="lacks the markers"):
+        main([str(readme), "--rows", str(rows)])
