@@ -24,7 +24,7 @@ from seed_core.data.transforms import MultiView, small_patch_transform, ssl_tran
 from seed_core.io import sha256_file
 from seed_core.launch import stage
 from seed_core.models.encoder import build_encoder
-from seed_core.precision import autocast
+from seed_core.precision import autocast, channels_last, resolve
 from seed_core.queue import EmbeddingQueue
 from seed_core.stagekit import add_params_arguments
 from seed_core.teachers.canonical import load_canonical, resolve_canonical_file
@@ -100,7 +100,7 @@ def distill(args: argparse.Namespace, params: Params, rt: distributed.Runtime, t
     shards = open_shards(args.shards)
     schedule = schedule_for(cfg, cfg.epochs, shards)
     teacher, teacher_meta = load_canonical(args.teacher, device=rt.device)
-    teacher.eval().requires_grad_(False)  # frozen, in eval mode, outside DDP
+    channels_last(teacher.eval().requires_grad_(False))  # frozen, in eval mode, outside DDP
     embed_dim = int(teacher_meta["embed_dim"])
     teacher_file = resolve_canonical_file(args.teacher)
 
@@ -124,16 +124,18 @@ def distill(args: argparse.Namespace, params: Params, rt: distributed.Runtime, t
                       store=checkpoint_store(args.checkpoint_dir, config, shards, __file__),
                       precision=cfg.precision, max_bad_fraction=data.max_bad_fraction)
     log.info("SEED %s -> %s: %d epochs x %d steps, global batch %d, lr %.4f, K=%d, "
-             "%d small view(s), %d rank(s) on %s", teacher_meta["arch"], params.student.arch,
-             cfg.epochs, schedule.steps_per_epoch, cfg.batch_size, schedule.lr, cfg.queue_size,
-             cfg.small_views, rt.world_size, rt.device)
+             "%d small view(s), %d rank(s) on %s, teacher %s, student %s", teacher_meta["arch"],
+             params.student.arch, cfg.epochs, schedule.steps_per_epoch, cfg.batch_size,
+             schedule.lr, cfg.queue_size, cfg.small_views, rt.world_size, rt.device,
+             resolve(cfg.precision, rt.device, teacher), resolve(cfg.precision, rt.device, student))
 
     def step(batch: dict, position, want_stats: bool) -> dict[str, float]:
         return seed_step(model, teacher, queues["queue"], batch["views"],
                          t_student=cfg.t_student, t_teacher=cfg.t_teacher,
                          optimizer=run.optimizer, scaler=run.scaler,
                          gather=distributed.gather_cat,
-                         amp=lambda: autocast(rt.device, cfg.precision),
+                         amp=lambda: autocast(rt.device, cfg.precision, student),
+                         teacher_amp=lambda: autocast(rt.device, cfg.precision, teacher),
                          where=f"distill epoch {position.epoch} step {position.step}",
                          small_queue=queues.get("small_queue"), with_stats=want_stats)
 

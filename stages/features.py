@@ -26,6 +26,7 @@ from seed_core.data.transforms import eval_transform
 from seed_core.evaluation.extract import SplitFeatures, extract_split
 from seed_core.io import atomic_dir, write_json
 from seed_core.launch import stage
+from seed_core.precision import channels_last, resolve
 from seed_core.stagekit import add_params_arguments
 from seed_core.teachers.canonical import load_canonical
 
@@ -87,7 +88,8 @@ def check_counts(split: str, shards: ShardSet, part: SplitFeatures,
 
 def run(args: argparse.Namespace, params: Params, rt: distributed.Runtime) -> dict[str, Any]:
     encoder, meta = load_canonical(args.model, device=rt.device)
-    encoder.eval().requires_grad_(False)
+    channels_last(encoder.eval().requires_grad_(False))
+    precision = resolve(params.features.precision, rt.device, encoder)
     feature_dim = int(meta["feature_dim"])
     expected_width = feature_dim + (int(meta["embed_dim"]) if args.embeddings else 0)
     shard_sets = {"train": open_shards(args.train_shards), "val": open_shards(args.val_shards)}
@@ -95,7 +97,7 @@ def run(args: argparse.Namespace, params: Params, rt: distributed.Runtime) -> di
     parts = {split: extract_split(make_forward(encoder, args.embeddings), shards,
                                   eval_transform(params.data.image_size),
                                   params.features.batch_size, params.data.workers,
-                                  params.features.precision, rt, f"features {split}")
+                                  precision, rt, f"features {split}")
              for split, shards in shard_sets.items()}
     if not rt.is_main:
         return {}
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace, params: Params, rt: distributed.Runtime) -> di
             "class_names": list(train.class_names or val.class_names or []) or None,
             "feature_dim": feature_dim,
             "embed_dim": int(meta["embed_dim"]) if args.embeddings else None,
-            "image_size": params.data.image_size, "precision": params.features.precision,
+            "image_size": params.data.image_size, "precision": precision,
             "world_size": rt.world_size, **counts})
     return {"name": args.name, "feature_dim": feature_dim,
             **{f"{split}_samples": c["received"] for split, c in counts.items()},

@@ -30,8 +30,9 @@ from seed_core.evaluation.metrics import nan_to_none, per_class_accuracy, topk_a
 from seed_core.evaluation.predictions import save_predictions
 from seed_core.evaluation.splits import holdout_split
 from seed_core.launch import stage
-from seed_core.precision import autocast
+from seed_core.precision import autocast, channels_last, resolve, to_device
 from seed_core.stagekit import add_params_arguments
+from seed_core.teachers.canonical import load_canonical
 from seed_core.tracking import flatten_metrics
 from seed_core.tracking import Tracker
 
@@ -60,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def augmented_batches(encoder: nn.Module, shards: ShardSet, params: Params,
-                      device: torch.device, subset: np.ndarray) -> Batches:
+                      device: torch.device, subset: np.ndarray,
+                      precision: str = "fp32") -> Batches:
     """`batches(epoch)`: frozen-backbone features of fresh RandomResizedCrop + flip views of
     the samples `subset` (global sample indices), one pass per epoch."""
     cfg, data = params.linear, params.data
@@ -74,8 +76,8 @@ def augmented_batches(encoder: nn.Module, shards: ShardSet, params: Params,
                                   world_size=1, start=(epoch, 0), stop=(epoch + 1, 0),
                                   workers=data.workers, subset=subset)
         for batch in loader:
-            with torch.no_grad(), autocast(device, "auto"):
-                feats = encoder.features(batch["image"].to(device, non_blocking=True))
+            with torch.no_grad(), autocast(device, precision):
+                feats = encoder.features(to_device(batch["image"], device))
             yield feats.float(), batch["label"]
 
     return batches
@@ -84,12 +86,11 @@ def augmented_batches(encoder: nn.Module, shards: ShardSet, params: Params,
 def augmented_trainer(args: argparse.Namespace, params: Params, device: torch.device,
                       train: dict[str, torch.Tensor], fit: torch.Tensor, num_classes: int,
                       tracker: Tracker) -> Callable[[float, bool], nn.Module]:
-    from seed_core.teachers.canonical import load_canonical
-
     if not (args.model and args.train_shards):
         raise ValueError("linear.mode 'augmented' needs --model and --train-shards")
     encoder, _ = load_canonical(args.model, device=device)
-    encoder.eval().requires_grad_(False)
+    channels_last(encoder.eval().requires_grad_(False))
+    precision = resolve(params.features.precision, device, encoder)
     shards = open_shards(args.train_shards)
     with torch.no_grad():
         width = encoder.features(torch.zeros(1, 3, params.data.image_size,
@@ -104,7 +105,7 @@ def augmented_trainer(args: argparse.Namespace, params: Params, device: torch.de
 
     def train_fn(lr: float, full: bool) -> nn.Module:
         source = augmented_batches(encoder, shards, params, device,
-                                   everything if full else fit_samples)
+                                   everything if full else fit_samples, precision)
         return fit_linear(source, width, num_classes, cfg.epochs, lr, cfg.momentum,
                           cfg.weight_decay, cfg.seed, device, on_epoch=epoch_logger(
                               tracker, f"{'final' if full else f'lr_{lr:g}'}.train_loss"))

@@ -24,7 +24,7 @@ from seed_core.data.transforms import MultiView, moco_v2_transform
 from seed_core.io import atomic_dir, write_json
 from seed_core.launch import stage
 from seed_core.models.encoder import build_encoder
-from seed_core.precision import autocast
+from seed_core.precision import autocast, resolve
 from seed_core.queue import EmbeddingQueue
 from seed_core.stagekit import add_params_arguments
 from seed_core.train.curves import StepLog
@@ -93,15 +93,15 @@ def pretrain(args: argparse.Namespace, params: Params, rt: distributed.Runtime,
                                              f"checkpoints/pretrain_{args.target}", config,
                                              shards, __file__),
                       precision=cfg.precision, max_bad_fraction=data.max_bad_fraction)
-    log.info("MoCo-v2 %s (%s): %d epochs x %d steps, global batch %d, lr %.4f, %d rank(s) on %s",
-             args.target, arch, epochs, schedule.steps_per_epoch, cfg.batch_size, schedule.lr,
-             rt.world_size, rt.device)
+    log.info("MoCo-v2 %s (%s): %d epochs x %d steps, global batch %d, lr %.4f, %d rank(s) on %s "
+             "(%s)", args.target, arch, epochs, schedule.steps_per_epoch, cfg.batch_size,
+             schedule.lr, rt.world_size, rt.device, resolve(cfg.precision, rt.device, query))
 
     def step(batch: dict, position, want_stats: bool) -> dict[str, float]:
         return moco_step(model, key, queue, batch["views"], temperature=cfg.temperature,
                          key_momentum=cfg.key_momentum, optimizer=run.optimizer,
                          scaler=run.scaler, gather=distributed.gather_cat,
-                         amp=lambda: autocast(rt.device, cfg.precision),
+                         amp=lambda: autocast(rt.device, cfg.precision, query),
                          where=f"pretrain {args.target} epoch {position.epoch} "
                                f"step {position.step}")
 

@@ -15,6 +15,7 @@ from seed_core.data.transforms import eval_transform
 from seed_core.evaluation.extract import extract_split
 from seed_core.io import atomic_dir, write_json
 from seed_core.launch import stage
+from seed_core.precision import channels_last, resolve
 from seed_core.stagekit import add_params_arguments
 from seed_core.teachers.canonical import load_canonical
 
@@ -36,11 +37,12 @@ def main(argv: list[str] | None = None) -> None:
     with stage("teacher_cache", args.params, args.overrides) as ctx:
         rt, params = ctx.runtime, ctx.params
         teacher, meta = load_canonical(args.teacher, device=rt.device)
-        teacher.eval()
+        channels_last(teacher.eval())
         shards = open_shards(args.shards)
         part = extract_split(teacher, shards, eval_transform(params.data.image_size),
                              params.features.batch_size, params.data.workers,
-                             params.features.precision, rt, "teacher embeddings")
+                             resolve(params.features.precision, rt.device, teacher), rt,
+                             "teacher embeddings")
         if part is None:
             return
         log_bad(part.bad, "teacher_cache")

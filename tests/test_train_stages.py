@@ -30,12 +30,17 @@ TIMING = {"data_seconds", "step_seconds"}  # wall-clock columns: never equal bet
 TINY = {
     "data": {"image_size": 16, "workers": 1},
     "student": {"arch": "resnet10t"},
-    # 70 samples, global batch 8: 8 steps per epoch, 6 samples left out each epoch
-    "pretrain": {"epochs": 2, "batch_size": 8, "queue_size": 24, "log_every": 2,
+    # 70 samples, global batch 16: 4 steps per epoch, 6 samples left out each epoch, 16 steps.
+    # fp32, as the equality of 1 and N processes is to fp32 tolerance (bf16 rounds what differs
+    # in the last bits of fp32 sums into visible steps; the e2e pipeline runs precision: auto).
+    # A global batch of 8 would leave BatchNorm 8 values per channel at the last stage's 1x1
+    # map: MoCo's feedback then amplified 1e-6 differences between 1 and 2 processes to 1e-3.
+    "pretrain": {"epochs": 4, "batch_size": 16, "queue_size": 48, "log_every": 2,
                  "embed_dim": 16, "hidden_dim": 32, "warmup_epochs": 0.5,
-                 "checkpoint_every": 3},
-    "distill": {"epochs": 2, "batch_size": 8, "queue_size": 24, "checkpoint_every": 3,
-                "log_every": 2, "warmup_epochs": 0.5, "t_teacher": 0.05, "hidden_dim": 32},
+                 "checkpoint_every": 3, "precision": "fp32"},
+    "distill": {"epochs": 4, "batch_size": 16, "queue_size": 48, "checkpoint_every": 3,
+                "log_every": 2, "warmup_epochs": 0.5, "t_teacher": 0.05, "hidden_dim": 32,
+                "precision": "fp32"},
 }
 ENV = {**os.environ, "SEED_TRACKING": "0", "SEED_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
@@ -123,7 +128,7 @@ def test_outputs_are_canonical_with_curves_and_metrics(setup, reference) -> None
     assert len(reference["distill"][1]) == 16 // 2  # a row every log_every=2 of 16 steps
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps_run"] == 16 and metrics["bad_samples"] == 0
-    assert metrics["samples_read"] == 16 * 8
+    assert metrics["samples_read"] == 16 * 16
     assert 0.0 <= metrics["data_wait_fraction"] <= 1.0
     assert not list((out / "ckpt").glob("step-*"))  # cleared once the model is written
     pretrain = json.loads((setup["root"] / "pretrain-reference" / "metrics.json").read_text())
@@ -227,7 +232,7 @@ def kill_mid_step(setup: dict, name: str, process: subprocess.Popen) -> None:
 
 
 def kill_mid_epoch(setup: dict, name: str, process: subprocess.Popen) -> None:
-    """Right after a checkpoint in the middle of epoch 0 (step 3 of 8) has been written."""
+    """Right after a checkpoint in the middle of epoch 0 (step 3 of 4) has been written."""
     wait_for(lambda: any(p.name.startswith("step-00000003") for p in checkpoints(setup, name)),
              process)
     kill_tree(process)
@@ -325,7 +330,7 @@ def test_a_global_batch_that_does_not_split_over_the_processes_is_refused(setup)
     done = subprocess.run(command(setup, "distill", "indivisible", nproc=3), env=ENV,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
-    assert "params: 'distill.batch_size' = 8 is not divisible by the 3 processes" in done.stderr
+    assert "params: 'distill.batch_size' = 16 is not divisible by the 3 processes" in done.stderr
 
 
 # --- bad data met during training and feature extraction ------------------------------------
@@ -355,7 +360,7 @@ def test_unreadable_samples_are_counted_and_fatal_above_the_threshold(setup, tmp
     one_bad = corrupted_copy(setup, "shards-one-bad", [5])
     run(command({**setup, "params": lenient}, "distill", "one-bad", shards=one_bad))
     metrics = json.loads((setup["root"] / "one-bad" / "metrics.json").read_text())
-    assert 1 <= metrics["bad_samples"] <= 2  # read once per epoch unless left out
+    assert 1 <= metrics["bad_samples"] <= 4  # read once per epoch unless left out
     many_bad = corrupted_copy(setup, "shards-many-bad", list(range(0, 70, 7)))  # 10 of 70
     done = subprocess.run(command({**setup, "params": lenient}, "distill", "many-bad",
                                   shards=many_bad), env=ENV, capture_output=True, text=True,

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from seed_core.io import read_json
-from seed_core.precision import autocast
+from seed_core.precision import autocast, to_device
 from seed_core.progress import progress
 
 FEATURE_KEYS = ("features", "labels", "index")
@@ -30,7 +30,7 @@ def extract_features(fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterabl
     feats, labels, index = [], [], []
     for batch in progress(loader, desc=desc, unit="batch"):
         with autocast(device, precision):
-            out = fn(batch["image"].to(device, non_blocking=True))
+            out = fn(to_device(batch["image"], device))
         feats.append(out.float().cpu())
         labels.append(batch["label"])
         index.append(batch["index"])

@@ -33,7 +33,9 @@ class Encoder(nn.Module):
         z = self.backbone(x)
         if self.head is not None:
             z = self.head(z)
-        return F.normalize(z, dim=1)
+        # in fp32 even under bf16/fp16 autocast: SEED divides t.t by t_teacher = 1e-4, so a unit
+        # norm off by 1e-3 would move the teacher's positive logit by 10
+        return F.normalize(z.float(), dim=1)
 
 
 def build_encoder(arch: str, small_images: bool, embed_dim: int, hidden_dim: int = 0) -> Encoder:

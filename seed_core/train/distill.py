@@ -16,15 +16,19 @@ def seed_step(student: torch.nn.Module, teacher: torch.nn.Module, queue: Any,
               views: list[torch.Tensor], *, t_student: float, t_teacher: float,
               optimizer: torch.optim.Optimizer, scaler: Any, gather: Callable,
               amp: Callable[[], contextlib.AbstractContextManager], where: str,
-              small_queue: Any = None, with_stats: bool = True) -> dict[str, float]:
+              small_queue: Any = None, with_stats: bool = True,
+              teacher_amp: Callable[[], contextlib.AbstractContextManager] | None = None
+              ) -> dict[str, float]:
     """One SEED step. `views[0]` is the global view both networks see; `views[1:]` are SEED's
     optional small patches, distilled against their own queue (one patch per image enqueued).
 
-    `student` may be DDP-wrapped; `teacher` is frozen, in eval mode, outside DDP. The monitoring
-    values (agreement, queue entropy) cost extra B x K products: ask for them only when logging.
+    `student` may be DDP-wrapped; `teacher` is frozen, in eval mode, outside DDP, and runs under
+    `teacher_amp` when given (its best precision may differ from the student's, see
+    `seed_core.precision`). The monitoring values (agreement, queue entropy) cost extra B x K
+    products: ask for them only when logging.
     """
     image, patches = views[0], views[1:]
-    with torch.no_grad(), amp():
+    with torch.no_grad(), (teacher_amp or amp)():
         teacher_z = teacher(image).float()
         teacher_p = teacher(torch.cat(patches)).float() if patches else None
     with amp():

@@ -20,7 +20,7 @@ from seed_core.data.loader import check_bad_fraction, log_bad, training_batches
 from seed_core.data.shardset import MANIFEST_NAME, ShardSet
 from seed_core.io import atomic_dir, sha256_file
 from seed_core.models.encoder import Encoder
-from seed_core.precision import uses_grad_scaler
+from seed_core.precision import channels_last, to_device, uses_grad_scaler
 from seed_core.queue import EmbeddingQueue
 from seed_core.teachers.canonical import save_canonical
 from seed_core.train.curves import StepLog
@@ -46,11 +46,12 @@ def per_rank_batch(global_batch: int, world_size: int, key: str) -> int:
 
 def place(encoder: Encoder, runtime: distributed.Runtime, sync_bn: bool = True
           ) -> tuple[Encoder, nn.Module]:
-    """The encoder on this rank's device (BatchNorm over the global batch when several ranks
-    run and `sync_bn`), and the module to train through: DDP-wrapped when several ranks run."""
+    """The encoder on this rank's device in channels-last memory (BatchNorm over the global batch
+    when several ranks run and `sync_bn`), and the module to train through: DDP-wrapped when
+    several ranks run."""
     if runtime.world_size > 1 and sync_bn:
         encoder = distributed.convert_sync_batchnorm(encoder, runtime.device)
-    encoder = encoder.to(runtime.device)
+    encoder = channels_last(encoder.to(runtime.device))
     return encoder, distributed.wrap_ddp(encoder, runtime, sync_bn=sync_bn)
 
 
@@ -176,7 +177,7 @@ class TrainingRun:
                 self._check_bad(where)
             image = batch["image"]
             views = image if isinstance(image, list) else [image]
-            batch["views"] = [v.to(device, non_blocking=True) for v in views]
+            batch["views"] = [to_device(v, device) for v in views]
             yield batch
 
     def fit(self, *, shards: ShardSet, transform: Callable, seed: int, workers: int,
