@@ -54,6 +54,13 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return fx_opt.fuse(copy.deepcopy(model).eval(), inplace=False)
 
 
+def first_call_seconds(step: Callable[[], None]) -> float:
+    """Time of the first call: for compiled models, the compilation the timed steps skip."""
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
 def seed_case(teacher_arch: str, student_arch: str, batch: int, size: int, queue: int,
               lever: str, device: torch.device) -> tuple[Callable[[], None], float]:
     torch.manual_seed(0)
@@ -65,7 +72,6 @@ def seed_case(teacher_arch: str, student_arch: str, batch: int, size: int, queue
     if lever in ("channels_last", "bf16_channels_last"):
         teacher, student = (m.to(memory_format=torch.channels_last) for m in (teacher, student))
         images = images.contiguous(memory_format=torch.channels_last)
-    compile_seconds = 0.0
     run_teacher, run_student = teacher, student
     if lever == "compile":
         run_teacher, run_student = torch.compile(teacher), torch.compile(student)
@@ -79,11 +85,7 @@ def seed_case(teacher_arch: str, student_arch: str, batch: int, size: int, queue
                   optimizer=optimizer, scaler=None, gather=lambda x: x,
                   amp=lambda: autocast(device, precision), where="bench", with_stats=False)
 
-    if lever == "compile":
-        start = time.perf_counter()
-        step()
-        compile_seconds = time.perf_counter() - start
-    return step, compile_seconds
+    return step, first_call_seconds(step) if lever == "compile" else 0.0
 
 
 def moco_case(arch: str, batch: int, size: int, queue: int, lever: str,
@@ -109,12 +111,7 @@ def moco_case(arch: str, batch: int, size: int, queue: int, lever: str,
                   optimizer=optimizer, scaler=None, gather=lambda x: x,
                   amp=lambda: autocast(device, precision), where="bench")
 
-    compile_seconds = 0.0
-    if lever == "compile":
-        start = time.perf_counter()
-        step()
-        compile_seconds = time.perf_counter() - start
-    return step, compile_seconds
+    return step, first_call_seconds(step) if lever == "compile" else 0.0
 
 
 def main() -> None:

@@ -123,10 +123,18 @@ def infonce_loss(query_z: torch.Tensor, key_z: torch.Tensor, queue: torch.Tensor
     return F.cross_entropy(logits, target)
 
 
-def queue_entropy(teacher_z: torch.Tensor, queue: torch.Tensor, t_teacher: float) -> torch.Tensor:
-    """Mean entropy (nats) of the teacher's target distribution over [positive, queue]."""
+def target_off_positive(teacher_z: torch.Tensor, queue: torch.Tensor,
+                        t_teacher: float) -> torch.Tensor:
+    """Mean mass of the teacher's target `softmax([t.t, t.Q] / t_teacher)` outside the positive.
+
+    How much of SEED's target is "similarity to other instances" rather than "this is me": about
+    0 at the paper's t_teacher = 1e-4 (the target is one-hot and SEED is InfoNCE with the
+    teacher's embedding as the positive), growing towards K / (K + 1) as t_teacher grows.
+    Computed as exp(logsumexp(queue logits) - logsumexp(all logits)), so tiny masses keep their
+    digits instead of rounding to 1 - 1.
+    """
     with torch.no_grad():
-        logits = torch.cat([(teacher_z * teacher_z).sum(1, keepdim=True), teacher_z @ queue.T],
-                           dim=1).float() / t_teacher
-        logp = F.log_softmax(logits, dim=1)
-        return -(logp.exp() * logp).sum(1).mean()
+        positive = (teacher_z * teacher_z).sum(1, keepdim=True).float() / t_teacher
+        others = (teacher_z @ queue.T).float() / t_teacher
+        log_off = others.logsumexp(1) - torch.cat([positive, others], 1).logsumexp(1)
+        return log_off.double().exp().mean()

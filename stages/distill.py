@@ -36,7 +36,7 @@ from seed_core.train.schedule import schedule_for
 
 log = logging.getLogger("distill")
 # distillation diagnostics logged beside the loss (see seed_core.losses)
-DIAGNOSTICS = ["queue_entropy", "agreement"]
+DIAGNOSTICS = ["target_off_positive", "agreement"]
 # the teacher's SSL method decides the augmentation, as SEED's code does (`tools/utils.py`):
 # every other format (MoCo-v2, MoCo-v3, DINO, our own...) gets the MoCo-v2 recipe
 RECIPE_OF_FORMAT = {"swav": "swav", "simclr": "simclr", "moco_v1": "moco_v1"}

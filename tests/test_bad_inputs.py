@@ -210,7 +210,8 @@ def test_unknown_checkpoint_layout_through_the_cli(tmp_path: Path) -> None:
     done = run("teacher", "--checkpoint", str(path), "--arch", "resnet18", "--out",
                str(tmp_path / "out"), cwd=tmp_path)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
-    assert "unrecognised checkpoint layout" in done.stderr and "['weights', 'step']" in done.stderr
+    assert f"{path}: unrecognised checkpoint layout" in done.stderr, done.stderr
+    assert "['weights', 'step']" in done.stderr
     assert not (tmp_path / "out").exists()
 
 

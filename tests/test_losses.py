@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from seed_core import losses
-from seed_core.losses import infonce_loss, queue_entropy, seed_agreement, seed_loss
+from seed_core.losses import infonce_loss, seed_agreement, seed_loss, target_off_positive
 
 
 def unit(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -74,7 +74,9 @@ def test_seed_loss_is_minimal_when_student_equals_teacher_distribution() -> None
     at_teacher = seed_loss(t, t, q, 0.1, 0.1)
     other = seed_loss(unit(6, 16, seed=18), t, q, 0.1, 0.1)
     assert at_teacher < other
-    assert at_teacher.item() == pytest.approx(queue_entropy(t, q, 0.1).item(), rel=1e-5)
+    p = F.softmax(torch.cat([(t * t).sum(1, keepdim=True), t @ q.T], 1).double() / 0.1, dim=1)
+    entropy = -(p * p.log()).sum(1).mean()
+    assert at_teacher.item() == pytest.approx(entropy.item(), rel=1e-5)
 
 
 def test_seed_loss_falls_over_gradient_steps() -> None:
@@ -113,10 +115,23 @@ def test_agreement_counts_top1_matches() -> None:
     assert seed_agreement(s, t, q).item() == pytest.approx((teacher_top == 1).float().mean())
 
 
-def test_queue_entropy_bounds() -> None:
+@pytest.mark.parametrize("tt", [0.005, 0.01, 0.1, 1.0])
+def test_target_off_positive_matches_the_softmax(tt: float) -> None:
     t, q = unit(4, 8, seed=25), unit(15, 8, seed=26)
-    assert queue_entropy(t, q, 1e-4).item() == pytest.approx(0.0, abs=1e-4)
-    assert queue_entropy(t, q, 1e6).item() == pytest.approx(math.log(16), rel=1e-4)
+    logits = torch.cat([(t * t).sum(1, keepdim=True), t @ q.T], 1).double() / tt
+    expected = F.softmax(logits, dim=1)[:, 1:].sum(1).mean().item()
+    # at 0.005 and 0.01 the mass is far below float32 resolution near 1: 1 - p(positive) reads 0
+    assert target_off_positive(t, q, tt).item() == pytest.approx(expected, rel=1e-3)
+
+
+def test_target_off_positive_bounds_and_tiny_masses() -> None:
+    t, q = unit(4, 8, seed=25), unit(15, 8, seed=26)
+    # the paper's 1e-4: one-hot
+    at_paper = target_off_positive(t, q, 1e-4).item()
+    assert 0.0 <= at_paper < 1e-30
+    assert target_off_positive(t, q, 1e6).item() == pytest.approx(15 / 16, rel=1e-4)
+    # a queue entry equal to the positive holds half the mass at any temperature
+    assert target_off_positive(t[:1], t[:1], 1e-4).item() == pytest.approx(0.5, rel=1e-3)
 
 
 @pytest.mark.parametrize("tt", [1e-4, 0.01, 0.1])

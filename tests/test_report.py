@@ -486,7 +486,7 @@ def test_features_knn_linear_report_pipeline(tiny_pipeline, monkeypatch):
         pytest.approx(lin["test"]["top1"])
 
     Path("plots").mkdir()
-    Path("plots/distill.csv").write_text("step,epoch,loss,lr,queue_entropy,agreement\n"
+    Path("plots/distill.csv").write_text("step,epoch,loss,lr,target_off_positive,agreement\n"
                                          "0,0,5,0.1,3,0.2\n1,0,4,0.1,3,0.3\n")
     tracker = RecordingTracker()
     monkeypatch.setattr("seed_core.stagekit.start_tracking", lambda *a, **k: tracker)

@@ -124,7 +124,7 @@ def test_outputs_are_canonical_with_curves_and_metrics(setup, reference) -> None
     assert meta["embed_dim"] == 16 and meta["teacher_arch"] == "resnet10t"
     assert student(torch.randn(2, 3, 16, 16)).shape == (2, 16)
     header = (out / "curves.csv").read_text().splitlines()[0]
-    assert header == "step,epoch,loss,lr,data_seconds,step_seconds,queue_entropy,agreement"
+    assert header == "step,epoch,loss,lr,data_seconds,step_seconds,target_off_positive,agreement"
     assert len(reference["distill"][1]) == 16 // 2  # a row every log_every=2 of 16 steps
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps_run"] == 16 and metrics["bad_samples"] == 0

@@ -70,7 +70,7 @@ def plot_training_curves(logs: Mapping[str, dict[str, list[float]] | None],
     """Loss and lr against step for every present log; distillation diagnostics if logged."""
     plt = _pyplot()
     present = {name: log_ for name, log_ in logs.items() if log_}
-    extra = [c for c in ("agreement", "queue_entropy")
+    extra = [c for c in ("agreement", "target_off_positive")
              if any(c in log_ for log_ in present.values())]
     panels = 2 + bool(extra)
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4))

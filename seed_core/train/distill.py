@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 
-from seed_core.losses import queue_entropy, seed_agreement, seed_loss
+from seed_core.losses import seed_agreement, seed_loss, target_off_positive
 from seed_core.train.step import backward_step, check_finite
 
 
@@ -24,7 +24,7 @@ def seed_step(student: torch.nn.Module, teacher: torch.nn.Module, queue: Any,
 
     `student` may be DDP-wrapped; `teacher` is frozen, in eval mode, outside DDP, and runs under
     `teacher_amp` when given (its best precision may differ from the student's, see
-    `seed_core.precision`). The monitoring values (agreement, queue entropy) cost extra B x K
+    `seed_core.precision`). The monitoring values (agreement, target mass off the positive) cost extra B x K
     products: ask for them only when logging.
     """
     image, patches = views[0], views[1:]
@@ -43,7 +43,8 @@ def seed_step(student: torch.nn.Module, teacher: torch.nn.Module, queue: Any,
     metrics = {"loss": loss.item()}
     if with_stats:
         metrics["agreement"] = seed_agreement(student_z.detach(), teacher_z, queue.buffer).item()
-        metrics["queue_entropy"] = queue_entropy(teacher_z, queue.buffer, t_teacher).item()
+        metrics["target_off_positive"] = target_off_positive(teacher_z, queue.buffer,
+                                                             t_teacher).item()
     queue.enqueue(gather(teacher_z))
     if patches:
         # the first patch of every image stands for its image in the patch queue
