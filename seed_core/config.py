@@ -90,7 +90,7 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class StudentConfig:
-    arch: str = "resnet10t"
+    arch: str = "mobilenetv3_small_050"
     small_images: bool = False
 
     def __post_init__(self) -> None:

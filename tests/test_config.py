@@ -114,7 +114,7 @@ def test_teacher_epochs_default_to_the_baseline_epochs() -> None:
     assert pretrain.role_arch(same, "teacher") == ("resnet18d", False, 6)
     longer = parse_params({"pretrain": {"epochs": 6, "teacher_epochs": 12}})
     assert pretrain.role_arch(longer, "teacher")[2] == 12
-    assert pretrain.role_arch(longer, "baseline") == ("resnet10t", False, 6)
+    assert pretrain.role_arch(longer, "baseline") == ("mobilenetv3_small_050", False, 6)
     with pytest.raises(ConfigError, match=r"'pretrain\.teacher_epochs' must be >= 0"):
         parse_params({"pretrain": {"teacher_epochs": -1}})
 
@@ -245,7 +245,7 @@ def test_image_size_below_half_the_stride_is_named_with_the_fix() -> None:
                                           r"resnet10t's total stride \(32\): .* use "
                                           r"data\.image_size >= 16, or set "
                                           r"student\.small_images: true \(then >= 4\), got 15"):
-        parse_params({"data": {"image_size": 15}})
+        parse_params({"data": {"image_size": 15}, "student": {"arch": "resnet10t"}})
     with pytest.raises(ConfigError, match=r"below half of teacher\.arch mobilenetv3_large_100's "
                                           r"total stride \(32\): .* >= 16, or set "
                                           r"teacher\.small_images: true \(then >= 8\), got 15"):
