@@ -67,6 +67,8 @@ bench: install
 	python bench/bench_step.py
 	python bench/bench_knn.py
 	python bench/bench_shards.py
+	python bench/bench_loader.py
+	python bench/bench_levers.py
 	@if ls -d $(LINEAR_BENCH_INPUTS) >/dev/null 2>&1; then \
 	  python bench/bench_linear.py --features data/features/student --model models/student \
 	    --train-shards data/shards/train --val-shards data/shards/val; \

@@ -1,8 +1,9 @@
 """CPU speed levers for the training steps, measured in one process; prints one JSON object.
 
 For the SEED step (teacher forward + student forward/backward/SGD + loss) and the MoCo-v2 step
-(query forward/backward + momentum key forward) at the default config (teacher resnet18d,
-student resnet10t, batch 256, 32 px, K 4096), and the SEED step at an ImageNet-like shape
+(query forward/backward + momentum key forward) at the default config (`params.yaml`'s
+teacher and student, batch, image size and queue; `--teacher`/`--student` try others), and the
+SEED step at an ImageNet-like shape
 (R-50 -> R-18, 224 px, batch 32, K 65,536), the median step time of:
 - `fp32`: the plain step (today's default on CPU);
 - `channels_last`: models and inputs in NHWC memory format (oneDNN's preferred layout);
@@ -34,6 +35,8 @@ from seed_core.precision import autocast
 from seed_core.queue import EmbeddingQueue
 from seed_core.train.distill import seed_step
 from seed_core.train.moco import moco_step
+
+from defaults import pipeline_defaults
 
 
 def median_seconds(fn: Callable[[], None], warmup: int, repeats: int) -> float:
@@ -120,19 +123,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--skip-imagenet", action="store_true")
     parser.add_argument("--skip-compile", action="store_true")
-    parser.add_argument("--student", default="resnet10t", help="the default-config student")
-    parser.add_argument("--teacher", default="resnet18d", help="the default-config teacher")
+    config = pipeline_defaults()
+    parser.add_argument("--student", default=config.student, help="the default-config student")
+    parser.add_argument("--teacher", default=config.teacher, help="the default-config teacher")
     args = parser.parse_args()
     device = pick_device()
     levers = ["fp32", "channels_last", "bf16", "bf16_channels_last"] + (
         [] if args.skip_compile else ["compile"])
     cases: dict[str, Callable[[str], tuple[Callable[[], None], float]]] = {
-        "seed_default": lambda lever: seed_case(args.teacher, args.student, 256, 32, 4096, lever,
-                                                device),
-        "moco_teacher_default": lambda lever: moco_case(args.teacher, 256, 32, 4096, lever,
-                                                        device),
-        "moco_student_default": lambda lever: moco_case(args.student, 256, 32, 4096, lever,
-                                                        device),
+        "seed_default": lambda lever: seed_case(args.teacher, args.student, config.batch,
+                                                config.size, config.queue, lever, device),
+        "moco_teacher_default": lambda lever: moco_case(args.teacher, config.batch, config.size,
+                                                        config.queue, lever, device),
+        "moco_student_default": lambda lever: moco_case(args.student, config.batch, config.size,
+                                                        config.queue, lever, device),
     }
     if not args.skip_imagenet:
         cases["seed_imagenet"] = lambda lever: seed_case("resnet50", "resnet18", 32, 224, 65536,

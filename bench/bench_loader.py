@@ -7,8 +7,9 @@ On ImageNet-like data (synthetic 160-px JPEGs, a SEED TSV converted to shards), 
   map-style dataset that seeks to the `.lineidx` offset, reads the line as text, splits it,
   base64-decodes the image and decodes it with PIL (`Image.open(...).convert('RGB')`), as
   SEED's `TSVDataset` does, shuffled by a `DataLoader`;
-- samples/s the SEED step consumes at the default config (teacher resnet18d -> student resnet10t,
-  batch 256, 32 px, K 4096), so `loader / step` says whether data can keep up.
+- samples/s the SEED step consumes at the default config (`params.yaml`'s teacher and student,
+  with the pipeline's precision and memory format per model), so `loader / step` says whether
+  data can keep up.
 
     python bench/bench_loader.py [--samples 3000] [--batch 256] [--size 32] [--repeats 3]
 """
@@ -38,9 +39,11 @@ from seed_core.data.transforms import moco_v2_transform
 from seed_core.data.tsv import read_lineidx, write_tsv
 from seed_core.distributed import pick_device
 from seed_core.models.encoder import build_encoder
-from seed_core.precision import autocast
+from seed_core.precision import autocast, channels_last, to_device
 from seed_core.queue import EmbeddingQueue
 from seed_core.train.distill import seed_step
+
+from defaults import DefaultConfig, pipeline_defaults
 
 
 def photo_like_jpeg(rng: np.random.Generator, side: int = 160) -> bytes:
@@ -70,7 +73,8 @@ class SeedTsvDataset(Dataset):
         self.fp.seek(self.offsets[index])
         row = [s.strip() for s in self.fp.readline().split("\t")]
         image = Image.open(io.BytesIO(base64.b64decode(row[-1]))).convert("RGB")
-        tensor = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).contiguous()
+        # a writable copy, as torchvision's ToTensor makes
+        tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
         return self.transform(tensor), int(row[1])
 
 
@@ -84,21 +88,25 @@ def samples_per_s(batches, samples_per_batch: int, repeats: int) -> float:
     return statistics.median(rates)
 
 
-def step_samples_per_s(batch: int, size: int, repeats: int) -> float:
-    """Samples/s of the SEED step at the default config (one process, this machine)."""
+def step_samples_per_s(config: DefaultConfig, batch: int, size: int, repeats: int) -> float:
+    """Samples/s of the SEED step at the default config (one process, this machine), with the
+    precision and memory format `stages/distill.py` picks."""
     device = pick_device()
     torch.manual_seed(0)
-    teacher = build_encoder("resnet18d", False, 128).to(device).eval().requires_grad_(False)
-    student = build_encoder("resnet10t", False, 128).to(device)
+    teacher = build_encoder(config.teacher, False, 128).to(device).eval().requires_grad_(False)
+    student = build_encoder(config.student, False, 128).to(device)
+    channels_last(teacher), channels_last(student)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.03, momentum=0.9)
-    queue = EmbeddingQueue(4096, 128, device)
+    queue = EmbeddingQueue(config.queue, 128, device)
     queue.fill_random(torch.Generator().manual_seed(0))
-    images = torch.randn(batch, 3, size, size, device=device)
+    images = to_device(torch.randn(batch, 3, size, size), device)
 
     def step() -> None:
-        seed_step(student, teacher, queue, [images], t_student=0.2, t_teacher=1e-4,
-                  optimizer=optimizer, scaler=None, gather=lambda x: x,
-                  amp=lambda: autocast(device, "auto"), where="bench", with_stats=False)
+        seed_step(student, teacher, queue, [images], t_student=config.t_student,
+                  t_teacher=config.t_teacher, optimizer=optimizer, scaler=None,
+                  gather=lambda x: x, amp=lambda: autocast(device, "auto", student),
+                  teacher_amp=lambda: autocast(device, "auto", teacher), where="bench",
+                  with_stats=False)
 
     step()
     times = []
@@ -112,8 +120,10 @@ def step_samples_per_s(batch: int, size: int, repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=3000)
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--size", type=int, default=32, help="training crop (data.image_size)")
+    config = pipeline_defaults()
+    parser.add_argument("--batch", type=int, default=config.batch)
+    parser.add_argument("--size", type=int, default=config.size,
+                        help="training crop (data.image_size)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
@@ -129,6 +139,7 @@ def main() -> None:
         steps = steps_per_epoch(shards, args.batch)
         result = {"device": str(pick_device()), "threads": torch.get_num_threads(),
                   "samples": args.samples, "image": "160 px JPEG",
+                  "teacher": config.teacher, "student": config.student,
                   "tsv_megabytes": round(tsv.stat().st_size / 1e6, 1), "batch": args.batch,
                   "crop": args.size, "ours_samples_per_s": {}, "seed_tsv_samples_per_s": {}}
         for workers in (1, 2):
@@ -141,7 +152,7 @@ def main() -> None:
                 lambda: DataLoader(dataset, batch_size=args.batch, shuffle=True,
                                    num_workers=workers, drop_last=True),
                 args.batch, args.repeats)
-        step_rate = step_samples_per_s(args.batch, args.size, args.repeats)
+        step_rate = step_samples_per_s(config, args.batch, args.size, args.repeats)
     ours, seed = result["ours_samples_per_s"], result["seed_tsv_samples_per_s"]
     result["step_samples_per_s"] = step_rate
     result["ratios"] = {
