@@ -16,6 +16,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+# this checkout's seed_core, not an installed one: `dvc exp run --temp` / `--queue` run the
+# stages in a copy of the repository, and the copy's code is the code DVC recorded
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from seed_core.config import ConfigError, DataConfig, load_params
 from seed_core.data import fashion_mnist as fm
 from seed_core.data.tsv import write_tsv

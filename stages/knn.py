@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
+
+# this checkout's seed_core, not an installed one: `dvc exp run --temp` / `--queue` run the
+# stages in a copy of the repository, and the copy's code is the code DVC recorded
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from seed_core.config import Params, check_knn_bank
 from seed_core.evaluation.features import feature_num_classes, load_feature_split

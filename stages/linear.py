@@ -14,11 +14,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
+
+# this checkout's seed_core, not an installed one: `dvc exp run --temp` / `--queue` run the
+# stages in a copy of the repository, and the copy's code is the code DVC recorded
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from seed_core.config import Params
 from seed_core.data.loader import training_batches

@@ -14,8 +14,14 @@ import argparse
 import copy
 import dataclasses
 import logging
+import sys
+from pathlib import Path
 
 import torch
+
+# this checkout's seed_core, not an installed one: `dvc exp run --temp` / `--queue` run the
+# stages in a copy of the repository, and the copy's code is the code DVC recorded
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from seed_core import distributed
 from seed_core.config import Params

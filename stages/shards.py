@@ -19,6 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+# this checkout's seed_core, not an installed one: `dvc exp run --temp` / `--queue` run the
+# stages in a copy of the repository, and the copy's code is the code DVC recorded
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from seed_core.config import load_params
 from seed_core.data.convert import (DEFAULT_MAX_BAD_FRACTION, DEFAULT_SHARD_SIZE,
                                     ShardConversionError, convert_tsv_to_shards)

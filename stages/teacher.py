@@ -36,6 +36,10 @@ from typing import Any
 
 import torch
 
+# this checkout's seed_core, not an installed one: `dvc exp run --temp` / `--queue` run the
+# stages in a copy of the repository, and the copy's code is the code DVC recorded
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from seed_core.config import ConfigError, Params, load_params
 from seed_core.distributed import pick_device
 from seed_core.io import repo_root, sha256_file, write_json

@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from pathlib import Path
 
 from safetensors.torch import save_file
+
+# this checkout's seed_core, not an installed one: `dvc exp run --temp` / `--queue` run the
+# stages in a copy of the repository, and the copy's code is the code DVC recorded
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from seed_core.data.loader import check_bad_fraction, log_bad
 from seed_core.data.shardset import open_shards

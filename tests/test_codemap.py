@@ -4,6 +4,7 @@ is current, and dependencies point one way."""
 from __future__ import annotations
 
 import ast
+import os
 import shutil
 import subprocess
 import sys
@@ -106,10 +107,28 @@ def test_lazy_exports_resolve_to_their_modules(graph) -> None:
 
 def test_readme_code_map_is_generated_from_the_graph() -> None:
     table = code_map(ROOT)
-    assert "| `seed_core/report/` |" in table and "| report |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| `seed_core/report/` |"))
+    assert row.endswith("| report, reproduce:reproduce |")
     readme = (ROOT / "README.md").read_text()
     assert rewrite_readme(readme, table) == readme, \
         "README's code map is stale: run python -m seed_core.codemap --readme README.md"
     done = subprocess.run([sys.executable, "-m", "seed_core.codemap", "--readme",
                            str(ROOT / "README.md"), "--check"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "stages").glob("*.py")))
+def test_stages_run_the_seed_core_of_their_own_checkout(tmp_path, script: str) -> None:
+    """`dvc exp run --temp` / `--queue` run the stages in a copy of the repository while the
+    installed (editable) seed_core points at the original: the copy's code must be what runs."""
+    copy = tmp_path / "copy"
+    shutil.copytree(ROOT / "stages", copy / "stages")
+    shutil.copytree(ROOT / "seed_core", copy / "seed_core",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    init = copy / "seed_core" / "__init__.py"
+    init.write_text(init.read_text() + "\nimport sys\nprint('copy of seed_core', file=sys.stderr)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, f"stages/{script}", "--help"], cwd=copy, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "copy of seed_core" in done.stderr
