@@ -126,7 +126,8 @@ def test_stages_run_the_seed_core_of_their_own_checkout(tmp_path, script: str) -
     shutil.copytree(ROOT / "seed_core", copy / "seed_core",
                     ignore=shutil.ignore_patterns("__pycache__"))
     init = copy / "seed_core" / "__init__.py"
-    init.write_text(init.read_text() + "\nimport sys\nprint('copy of seed_core', file=sys.stderr)\n")
+    marker = "\nimport sys\nprint('copy of seed_core', file=sys.stderr)\n"
+    init.write_text(init.read_text() + marker)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, f"stages/{script}", "--help"], cwd=copy, env=env,
                           capture_output=True, text=True, timeout=120)
