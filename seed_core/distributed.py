@@ -66,7 +66,11 @@ def setup(timeout_s: float = 1800.0) -> Runtime:
         threads = int(os.environ.get("SEED_NUM_THREADS", "0")) or max(
             1, (os.cpu_count() or 1) // max(1, local_world))
         torch.set_num_threads(threads)
-    if world > 1 and not is_initialized():
+    # whenever torchrun launched us, even as one process: a one-GPU run then initialises NCCL
+    # as a multi-GPU run does (bench/gpu_check.sh relies on it); the collectives short-circuit
+    # at world size 1
+    launched = world > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    if launched and not is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
         log.info("rank %d/%d joined the %s process group on %s", dist.get_rank(), world,

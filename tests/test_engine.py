@@ -142,3 +142,26 @@ def test_merge_by_index_orders_and_rejects_duplicates() -> None:
     assert index.tolist() == [0, 1, 2, 3] and feats.squeeze(1).tolist() == [0, 1, 2, 3]
     with pytest.raises(RuntimeError, match="seen twice"):
         merge_by_index([a, a])
+
+
+def test_torchrun_with_one_process_joins_a_process_group(tmp_path: Path) -> None:
+    """One process under torchrun joins a (gloo here, NCCL on a GPU) group, so a one-GPU run
+    initialises the backend as a multi-GPU run does; run without torchrun, it joins none."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text("from seed_core import distributed\n"
+                      "rt = distributed.setup()\n"
+                      "print('group', distributed.is_initialized(), rt.world_size)\n"
+                      "distributed.barrier()\n"
+                      "distributed.cleanup()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "TORCHELASTIC_RUN_ID")}
+    plain = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert plain.returncode == 0 and "group False 1" in plain.stdout, plain.stderr
+    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node", "1", str(script)], env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert launched.returncode == 0 and "group True 1" in launched.stdout, launched.stderr

@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -162,16 +160,66 @@ def test_seed_loss_backward_scales_with_upstream_gradient_and_keeps_inputs() -> 
         assert torch.equal(x, old), "seed_loss must not write into its inputs"
 
 
-def test_seed_loss_without_gradient_and_under_autocast_is_float32() -> None:
+def test_seed_loss_without_autocast_is_float32_and_needs_no_gradient() -> None:
     s, t, q = unit(4, 8, seed=37), unit(4, 8, seed=38), unit(20, 8, seed=39)
     exact = seed_loss(s.double(), t.double(), q.double(), 0.2, 1e-4)
     plain = seed_loss(s, t, q, 0.2, 1e-4)
     assert not plain.requires_grad and plain.dtype == torch.float32
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        cast = seed_loss(s.requires_grad_(True), t, q, 0.2, 1e-4)
-    # bf16 logits at 1 / t_teacher = 1e4 would be 64 apart: the loss would be far off
-    assert cast.dtype == torch.float32 and cast.item() == pytest.approx(plain.item(), rel=1e-6)
     assert plain.item() == pytest.approx(exact.item(), rel=1e-5)
+
+
+def teacher_in_bf16_loss(s, t, q, ts, tt) -> torch.Tensor:
+    """The naive loss with the teacher's logits rounded to bf16: what keeping them out of
+    float32 under autocast would give."""
+    total = 0.0
+    for i in range(s.shape[0]):
+        bank = torch.cat([t[i:i + 1], q])
+        p_teacher = torch.softmax((bank.bfloat16() @ t[i].bfloat16()).float() / tt, dim=0)
+        total = total - (p_teacher * torch.log_softmax((bank @ s[i]) / ts, dim=0)).sum()
+    return total / s.shape[0]
+
+
+def test_teacher_target_is_float32_under_autocast() -> None:
+    """Entries at cosine 0.99995-0.9998 to the teacher embedding keep weights e^-0.5..e^-2 at
+    t_teacher 1e-4 only with float32 logits: bf16's spacing near 1 (2^-8) ties them."""
+    t = unit(4, 64, seed=70)
+    near = [F.normalize(t + eps * unit(4, 64, seed=71 + i), dim=1)
+            for i, eps in enumerate((0.01, 0.014, 0.02))]
+    q = torch.cat([*near, unit(30, 64, seed=75)])
+
+    def target(dtype: torch.dtype) -> torch.Tensor:
+        z, bank = t.to(dtype), q.to(dtype)
+        logits = torch.cat([(z * z).sum(1, keepdim=True), z @ bank.T], 1)
+        return torch.softmax(logits.double() / 1e-4, dim=1)
+
+    exact, in_bf16 = target(torch.float64), target(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        target = losses._teacher_target(t, q, 1e-4)
+    assert target.dtype == torch.float32
+    torch.testing.assert_close(target.double(), exact, rtol=0, atol=2e-3)  # fp32: 1e-7 x 1e4
+    assert (in_bf16.double() - exact).abs().max() > 0.1  # the error this guards against
+
+
+def test_seed_loss_under_autocast_keeps_the_teacher_target_in_float32() -> None:
+    """Queue entries at cosine 0.9988-0.9996 to the teacher embedding get weights e^-4.5..e^-12
+    at t_teacher 1e-4; in bf16 (spacing 2^-8 near 1) they would tie with the positive. The
+    student's products may be bf16: the loss stays within 2e-3 of float32, while a bf16 target
+    moves it by 1e-2."""
+    t = unit(8, 64, seed=50)
+    near = [F.normalize(t + eps * unit(8, 64, seed=51 + i), dim=1)
+            for i, eps in enumerate((0.03, 0.04, 0.05))]
+    q = torch.cat([*near, unit(100, 64, seed=60)])
+    s = F.normalize(t - 20.0 * (near[0] - t), dim=1)  # leans away from the near entries
+    s32, s16 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    full = seed_loss(s32, t, q, 0.2, 1e-4)
+    full.backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = seed_loss(s16, t, q, 0.2, 1e-4)
+    mixed.backward()
+    assert mixed.dtype == torch.float32
+    assert abs(mixed.item() - full.item()) < 2e-3 * full.item()
+    assert abs(teacher_in_bf16_loss(s, t, q, 0.2, 1e-4).item() - full.item()) > 1e-2 * full.item()
+    torch.testing.assert_close(s16.grad, s32.grad, rtol=0.05, atol=0.05 * s32.grad.abs().max())
 
 
 def test_seed_loss_buffer_reuse_path_equals_fresh_buffers(monkeypatch) -> None:
@@ -187,3 +235,20 @@ def test_seed_loss_buffer_reuse_path_equals_fresh_buffers(monkeypatch) -> None:
         results.append((loss.detach(), s1.grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=0)
+
+
+def test_seed_loss_calls_do_not_share_state() -> None:
+    """The CPU path reuses scratch buffers between calls: a second call (other shapes, then the
+    same) before the first one's backward must leave the first loss and gradient intact."""
+    s, t, q = unit(6, 8, seed=80), unit(6, 8, seed=81), unit(30, 8, seed=82)
+    alone = s.clone().requires_grad_(True)
+    seed_loss(alone, t, q, 0.2, 0.05).backward()
+    first = s.clone().requires_grad_(True)
+    loss = seed_loss(first, t, q, 0.2, 0.05)
+    value = loss.item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        seed_loss(unit(4, 8, seed=83).requires_grad_(True), t[:4], q[:20], 0.2, 0.05)
+    seed_loss(unit(6, 8, seed=84).requires_grad_(True), t, q, 0.2, 0.05).backward()
+    loss.backward()
+    assert loss.item() == value
+    torch.testing.assert_close(first.grad, alone.grad, rtol=0, atol=0)

@@ -24,8 +24,8 @@ def seed_step(student: torch.nn.Module, teacher: torch.nn.Module, queue: Any,
 
     `student` may be DDP-wrapped; `teacher` is frozen, in eval mode, outside DDP, and runs under
     `teacher_amp` when given (its best precision may differ from the student's, see
-    `seed_core.precision`). The monitoring values (agreement, target mass off the positive) cost extra B x K
-    products: ask for them only when logging.
+    `seed_core.precision`). The monitoring values (agreement, target mass off the positive)
+    cost extra B x K products: ask for them only when logging.
     """
     image, patches = views[0], views[1:]
     with torch.no_grad(), (teacher_amp or amp)():
@@ -34,9 +34,12 @@ def seed_step(student: torch.nn.Module, teacher: torch.nn.Module, queue: Any,
     with amp():
         student_z = student(image).float()
         student_p = student(torch.cat(patches)).float() if patches else None
-    loss = seed_loss(student_z, teacher_z, queue.buffer, t_student, t_teacher)
-    if patches:
-        loss = loss + seed_loss(student_p, teacher_p, small_queue.buffer, t_student, t_teacher)
+        # under the student's autocast, so that its B x K products run in its precision (the
+        # teacher's logits stay float32 inside seed_loss)
+        loss = seed_loss(student_z, teacher_z, queue.buffer, t_student, t_teacher)
+        if patches:
+            loss = loss + seed_loss(student_p, teacher_p, small_queue.buffer, t_student,
+                                    t_teacher)
     check_finite(loss, where)
     optimizer.zero_grad(set_to_none=True)
     backward_step(loss, optimizer, scaler)
