@@ -13,7 +13,7 @@ from typing import Any, Iterator, Sequence
 from seed_core import distributed
 from seed_core.config import Params, load_params
 from seed_core.io import write_json
-from seed_core.stagekit import setup_logging, tracked, user_errors
+from seed_core.stagekit import run_times, setup_logging, tracked, user_errors
 from seed_core.tracking import Tracker
 
 
@@ -30,7 +30,7 @@ class StageContext:
 
     def finish(self, metrics_path: str | os.PathLike, summary: dict[str, Any]) -> dict[str, Any]:
         """On rank 0: add the wall time, write the stage's metrics JSON and track the numbers."""
-        summary = {**summary, "seconds": round(self.seconds, 3)}
+        summary = {**summary, "seconds": round(self.seconds, 3), **run_times()}
         if self.runtime.is_main:
             write_json(metrics_path, summary)
             self.tracker.log_metrics({k: v for k, v in summary.items()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -24,7 +25,7 @@ from seed_core.config import ConfigError, DataConfig, load_params
 from seed_core.data import fashion_mnist as fm
 from seed_core.data.tsv import write_tsv
 from seed_core.io import atomic_dir, write_json, write_text
-from seed_core.stagekit import setup_logging, tracked, user_errors
+from seed_core.stagekit import run_times, setup_logging, tracked, user_errors
 
 log = logging.getLogger("stages.fashion_mnist")
 
@@ -68,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     with user_errors("fashion_mnist"):
         params = load_params(args.params)
         with tracked("fashion_mnist", params) as tracker:
+            started = time.perf_counter()
             metrics = export(params.data, Path(args.out))
+            metrics.update(seconds=round(time.perf_counter() - started, 3), **run_times())
             write_json(args.metrics, metrics)
             tracker.log_metrics({f"{split}_samples": metrics[split]["samples"]
                                  for split in SPLITS})

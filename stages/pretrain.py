@@ -32,7 +32,7 @@ from seed_core.launch import stage
 from seed_core.models.encoder import build_encoder
 from seed_core.precision import autocast, resolve
 from seed_core.queue import EmbeddingQueue
-from seed_core.stagekit import add_params_arguments
+from seed_core.stagekit import add_params_arguments, run_times
 from seed_core.train.curves import StepLog
 from seed_core.train.moco import moco_step
 from seed_core.train.run import (CURVE_COLUMNS, TrainingRun, checkpoint_store, per_rank_batch,
@@ -70,7 +70,7 @@ def write_skipped(args: argparse.Namespace, params: Params) -> None:
     with atomic_dir(args.out) as tmp:
         write_json(tmp / "skipped.json", {"skipped": True, "reason": reason})
     StepLog(args.curves, CURVE_COLUMNS).write()
-    write_json(args.metrics, {"skipped": True, "reason": reason, "seconds": 0.0})
+    write_json(args.metrics, {"skipped": True, "reason": reason, "seconds": 0.0, **run_times()})
     log.info("skipped: %s", reason)
 
 

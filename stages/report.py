@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,8 @@ from seed_core.report.prose import ReadingContext, render_summary_md
 from seed_core.report.readers import (check_reproduce, read_metrics, read_model_meta,
                                       read_training_log, stage_seconds)
 from seed_core.report.tables import MODELS, PROTOCOLS, build_summary, seeds_table, summary_metrics
-from seed_core.stagekit import add_params_arguments
+from seed_core.report.timing import pipeline_timing, read_stage_times, timing_sentence
+from seed_core.stagekit import add_params_arguments, process_started_at
 from seed_core.tracking import Tracker
 
 log = logging.getLogger("report")
@@ -60,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                            default=f"data/predictions/{protocol}_{model}.safetensors")
     p.add_argument("--paired", default="metrics/paired.json",
                    help="output: the paired tests of every model pair")
+    p.add_argument("--pipeline", default="metrics/pipeline.json",
+                   help="output: the run's wall time, stage seconds and overhead")
     p.add_argument("--reproduce", default=None,
                    help="metrics/reproduce.json of `make reproduce`: adds the table over seeds")
     p.add_argument("--teacher-features", default="data/features/teacher/val.safetensors")
@@ -131,6 +135,7 @@ def reading_context(params: Params, metas: dict[str, dict],
 
 
 def build(args: argparse.Namespace, params: Params, tracker: Tracker) -> dict[str, Any]:
+    started = time.perf_counter()
     metas = {m: read_model_meta(getattr(args, f"{m}_meta")) for m in MODELS}
     knn = {m: read_metrics(getattr(args, f"knn_{m}"), f"knn@{m}") for m in MODELS}
     linear = {m: read_metrics(getattr(args, f"linear_{m}"), f"linear@{m}")
@@ -157,12 +162,20 @@ def build(args: argparse.Namespace, params: Params, tracker: Tracker) -> dict[st
     if args.reproduce:
         seeds_md = seeds_table(check_reproduce(read_metrics(args.reproduce, "make reproduce"),
                                                args.reproduce))
-    seconds = stage_seconds(args.metrics_dir, exclude=[args.summary, args.paired])
+    not_stages = [args.summary, args.paired, args.pipeline,
+                  Path(args.metrics_dir) / "reproduce.json"]
+    seconds = stage_seconds(args.metrics_dir, exclude=not_stages)
+    # this stage's own times: it is the last stage of the run
+    times = {**read_stage_times(args.metrics_dir, exclude=not_stages),
+             "report": {"started_at": process_started_at(), "finished_at": time.time(),
+                        "seconds": time.perf_counter() - started}}
+    timing = pipeline_timing(times)
     markdown = render_summary_md(
         summary, metas, knn, linear, reading_context(params, metas, n_test),
         params.data.holdout_fraction, seconds,
         {caption: relative_to(path, out_dir) for caption, path in plots.items()}, paired,
-        seeds_md)
+        seeds_md, timing_sentence(timing))
+    write_json(args.pipeline, timing)
     write_json(args.paired, paired)
     write_json(args.summary, summary)
     write_text(out_dir / "summary.md", markdown)

@@ -27,7 +27,7 @@ from seed_core.config import load_params
 from seed_core.data.convert import (DEFAULT_MAX_BAD_FRACTION, DEFAULT_SHARD_SIZE,
                                     ShardConversionError, convert_tsv_to_shards)
 from seed_core.io import write_json
-from seed_core.stagekit import setup_logging, tracked
+from seed_core.stagekit import run_times, setup_logging, tracked
 
 log = logging.getLogger("stages.shards")
 
@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics = {"samples": manifest["samples"], "skipped": len(manifest["skipped"]),
                        "lines": manifest["lines"], "shards": len(manifest["shards"]),
                        "seconds": round(seconds, 3),
-                       "records_per_s": round(manifest["lines"] / max(seconds, 1e-9), 1)}
+                       "records_per_s": round(manifest["lines"] / max(seconds, 1e-9), 1),
+                       **run_times()}
             if args.metrics:
                 write_json(args.metrics, metrics)
             tracker.log_metrics(metrics)

@@ -44,7 +44,7 @@ from seed_core.config import ConfigError, Params, load_params
 from seed_core.distributed import pick_device
 from seed_core.io import repo_root, sha256_file, write_json
 from seed_core.models.encoder import Encoder
-from seed_core.stagekit import setup_logging, tracked
+from seed_core.stagekit import run_times, setup_logging, tracked
 from seed_core.teachers.canonical import (encoder_from_states, load_canonical,
                                           resolve_canonical_file, save_canonical)
 from seed_core.teachers.common import CheckpointError
@@ -237,12 +237,12 @@ def main(argv: list[str] | None = None) -> None:
     except TeacherRejected as err:
         message, summary = err.args
         if args.metrics:  # the numbers behind the refusal, for the user to read
-            write_json(args.metrics, summary)
+            write_json(args.metrics, {**summary, **run_times()})
         sys.exit(f"teacher: {message}")
     except (CheckpointError, ConfigError, FileNotFoundError) as err:
         sys.exit(f"teacher: {err}")  # the message alone: these are input errors, not bugs
     if args.metrics:
-        write_json(args.metrics, summary)
+        write_json(args.metrics, {**summary, **run_times()})
     log.info("wrote %s/teacher.safetensors: %s", args.out, summary)
 
 

@@ -173,6 +173,15 @@ def test_outputs_have_their_contract_shapes(repo: Repo) -> None:
     manifest = repo.read_json("data/shards/train/manifest.json")
     assert manifest["samples"] == 400 and manifest["skipped"] == []
     assert repo.read_json("metrics/distill.json")["steps_run"] == 400 // 64
+    # the fresh run's wall time, split into the stages' seconds and the overhead
+    timing = repo.read_json("metrics/pipeline.json")
+    assert timing["one_run"] is True and timing["stages"] == len(ALL_STAGES)
+    assert timing["wall_seconds"] == pytest.approx(
+        timing["stage_seconds"] + timing["overhead_seconds"], abs=0.2)
+    assert timing["overhead_seconds"] == pytest.approx(
+        timing["startup_seconds"] + timing["between_stages_seconds"], abs=0.2)
+    assert 0 < timing["between_stages_seconds"] and 0 < timing["startup_seconds"]
+    assert "Wall time of the run" in table
 
 
 def test_second_repro_is_up_to_date(repo: Repo) -> None:

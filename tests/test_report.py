@@ -576,3 +576,41 @@ def test_features_under_torchrun_equals_single_process(tiny_pipeline):
         torch.testing.assert_close(one["features"], two["features"], rtol=1e-4, atol=1e-5)
     assert json.loads(Path("multi/meta.json").read_text())["world_size"] == 2
     assert not list(root.glob(".multi.*")), "temporary shares left behind"
+
+
+# --- where a run's wall time goes --------------------------------------------------------------
+
+def test_pipeline_timing_splits_the_wall_time() -> None:
+    from seed_core.report.timing import pipeline_timing, timing_sentence
+
+    times = {"a": {"started_at": 100.0, "finished_at": 110.0, "seconds": 8.0},
+             "c": {"started_at": 113.0, "finished_at": 120.0, "seconds": 5.0},
+             "b": {"started_at": 111.0, "finished_at": 112.0, "seconds": 0.5}}
+    timing = pipeline_timing(times)
+    # by hand: wall 100 -> 120; stages 13.5 s; processes 10 + 1 + 7 = 18 s; between 1 + 1 = 2 s
+    assert timing == {"one_run": True, "stages": 3, "wall_seconds": 20.0, "stage_seconds": 13.5,
+                      "overhead_seconds": 6.5, "startup_seconds": 4.5,
+                      "between_stages_seconds": 2.0, "largest_gap_s": 1.0}
+    assert "20 s (0.3 min) for 3 stages: 14 s inside the stages, 6 s of overhead" in \
+        timing_sentence(timing)
+
+
+def test_pipeline_timing_refuses_metrics_of_different_runs() -> None:
+    from seed_core.report.timing import pipeline_timing, timing_sentence
+
+    times = {"old": {"started_at": 0.0, "finished_at": 10.0, "seconds": 9.0},
+             "new": {"started_at": 1000.0, "finished_at": 1010.0, "seconds": 9.0}}
+    timing = pipeline_timing(times)
+    assert timing["one_run"] is False and "wall_seconds" not in timing
+    assert timing["largest_gap_between"] == ["old", "new"]
+    assert "no wall time is claimed" in timing_sentence(timing)
+
+
+def test_stage_metrics_record_their_process_start(tmp_path: Path) -> None:
+    """`started_at` is the process's start (imports included), not the time of the call."""
+    script = ("import time\ntime.sleep(0.6)\n"
+              "from seed_core.stagekit import run_times\n"
+              "t = run_times()\nprint(t['finished_at'] - t['started_at'])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert 0.6 <= float(done.stdout) < 10.0

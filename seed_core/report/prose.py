@@ -231,9 +231,10 @@ def render_summary_md(summary: Mapping[str, Mapping[str, float]],
                       linear: Mapping[str, Mapping[str, Any]], ctx: ReadingContext,
                       holdout_fraction: float, seconds: Mapping[str, float],
                       plots: Mapping[str, str], paired: Paired | None = None,
-                      seeds_md: str | None = None) -> str:
+                      seeds_md: str | None = None, timing: str | None = None) -> str:
     """The whole `reports/summary.md`; `plots` maps a caption to a path relative to it,
-    `paired[protocol][pair]` holds the paired tests, `seeds_md` an optional table over seeds."""
+    `paired[protocol][pair]` holds the paired tests, `seeds_md` an optional table over seeds,
+    `timing` the paragraph on the run's wall time (`seed_core.report.timing`)."""
     paired = paired or {}
     any_lin = linear["student"]
     total = sum(seconds.values())
@@ -265,6 +266,7 @@ def render_summary_md(summary: Mapping[str, Mapping[str, float]],
         f"Pipeline compute time: {total:.0f} s ({total / 60:.1f} min), summed over the "
         f"`seconds` of {len(seconds)} stage metrics files.", "",
         *[f"- `{name}`: {value:.1f} s" for name, value in seconds.items()], "",
+        *([timing, ""] if timing else []),
         "## Reading the numbers", "",
         reading_paragraph(summary, paired, ctx), "",
     ]

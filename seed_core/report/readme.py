@@ -21,6 +21,7 @@ from typing import Any, Mapping
 from seed_core.io import read_json, write_text
 from seed_core.report.prose import ordering_sentence, selection_paragraph
 from seed_core.report.readers import check_reproduce, read_metrics, stage_seconds
+from seed_core.report.timing import timing_sentence
 from seed_core.report.tables import (MODELS, PROTOCOLS, build_summary, paired_table,
                                      results_table, seeds_table)
 
@@ -78,6 +79,7 @@ def results_section(metrics_dir: str | Path) -> str:
     paired = _optional(metrics_dir / "paired.json")
     seconds = stage_seconds(metrics_dir, exclude=[metrics_dir / "summary.json",
                                                   metrics_dir / "reproduce.json"])
+    timing = _optional(metrics_dir / "pipeline.json")
     n_test = next((c["samples"] for pairs in paired.values() for c in pairs.values()), None)
     total = sum(seconds.values())
     parts = [GENERATED, "",
@@ -96,6 +98,8 @@ def results_section(metrics_dir: str | Path) -> str:
               f"{len(seconds)} stage metrics files: "
               + ", ".join(f"`{name.removesuffix('.json')}` {_seconds(value)} s"
                           for name, value in seconds.items()) + ".", ""]
+    if timing:
+        parts += [timing_sentence(timing), ""]
     reproduce_path = metrics_dir / "reproduce.json"
     if reproduce_path.is_file():
         reproduce = check_reproduce(read_json(reproduce_path), str(reproduce_path))

@@ -1,0 +1,261 @@
+"""The README's performance section, rendered from the benchmarks' JSON (`bench/results/`) and the
+training stages' metrics (`metrics/`): no figure in it is typed by hand.
+
+    python bench/render.py README.md [--check]   # rewrite (or check) the section between markers
+
+`make bench` writes `bench/results/<name>.json` (each benchmark's one JSON object) and then runs
+this. A benchmark that has not been run shows as "not run"; a goal is judged here, from the
+figures and the thresholds the benchmark recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+BEGIN, END = "<!-- bench: begin -->", "<!-- bench: end -->"
+DATA_WAIT_GOAL = 0.05  # issue 10: data wait <= 5% of the step at the default config
+OVERHEAD_GOAL_S = 45.0  # issue 10: dvc repro's wall time minus the stages' own seconds
+
+
+def load(name: str, results: Path) -> dict[str, Any] | None:
+    path = results / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "**missed**"
+
+
+def fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:,.{digits}f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def step_section(step: Mapping[str, Any]) -> list[str]:
+    goals = step.get("goals", {"overhead_max": 1.10, "speedup_min_small_images": 1.2})
+    lines = [f"**The SEED step against its parts** (`bench/bench_step.py`: medians of "
+             f"{step.get('repeats')} steps, {step.get('clock')} clock, {step.get('threads')} "
+             f"thread(s); seconds per step). Overhead = full / (teacher + student + queue floor), "
+             f"goal ≤ {goals['overhead_max']}; speed-up = released formulation / ours, goal ≥ "
+             f"{goals['speedup_min_small_images']} at small images.", ""]
+    rows = []
+    for name, case in step.get("cases", {}).items():
+        shape = case["case"]
+        seconds = {k: v["median_s"] for k, v in case["seconds"].items()}
+        small = shape["size"] <= 64
+        speed = case["speedup_vs_reference"]
+        precision = case.get("precision", {})
+        rows.append([
+            f"{name}: {shape['teacher']} ({precision.get('teacher', '?')}) → {shape['student']} "
+            f"({precision.get('student', '?')}), {shape['size']} px, batch {shape['batch']}, "
+            f"K {shape['queue']:,}",
+            fmt(seconds["teacher_forward"], 3), fmt(seconds["student_forward_backward_sgd"], 3),
+            fmt(case["queue_floor_s"], 3), f"{100 * case['queue_share_of_parts']:.0f}%",
+            fmt(seconds["full_step"], 3),
+            fmt(seconds["reference_step"], 3),
+            f"{case['overhead']:.2f} {verdict(case['overhead'] <= goals['overhead_max'])}",
+            f"{speed:.2f} " + (verdict(speed >= goals["speedup_min_small_images"]) if small
+                               else "(no goal)"),
+            fmt(case["images_per_s"]["full_step"], 0)])
+    return lines + table(["case", "teacher fwd", "student fwd+bwd+SGD", "queue floor",
+                          "queue share", "full step", "released formulation", "overhead",
+                          "speed-up", "img/s"], rows)
+
+
+def knn_section(knn: Mapping[str, Any]) -> list[str]:
+    goals = knn["goals"]
+    lines = [f"**kNN at ImageNet size** (`bench/bench_knn.py`: a {knn['bank']:,} × {knn['dim']} "
+             f"bank, {knn['queries']:,} queries, k {knn['k']}, {knn['threads']} threads). Goals: "
+             f"peak extra memory ≤ {goals['peak_extra_mib_max']:,} MiB, time ≤ "
+             f"{goals['time_over_faiss_max']} × faiss's exact `IndexFlatIP`.", ""]
+    rows = []
+    for name in ("ours", "faiss"):
+        if name in knn:
+            run = knn[name]
+            rows.append([name, fmt(run["seconds"], 1), fmt(run["peak_extra_mib"], 0),
+                         fmt(run.get("top1"), 2)])
+    lines += table(["", "seconds", "peak extra MiB", "top-1 (synthetic labels)"], rows)
+    if "faiss" in knn:
+        ratio = knn["time_ratio_ours_over_faiss"]
+        agree = knn.get("agreement", {})
+        lines += ["", f"Ours / faiss: time {ratio:.2f} "
+                      f"({verdict(ratio <= goals['time_over_faiss_max'])}), memory "
+                      f"{verdict(knn['ours']['peak_extra_mib'] <= goals['peak_extra_mib_max'])}; "
+                      f"same predictions for {100 * agree.get('same_predictions', 0):.2f}% of the "
+                      f"queries, recall of the exact neighbours "
+                      f"{agree.get('recall_vs_exact_ours', 0):.3f}."]
+    else:
+        lines += ["", "faiss was not installed (`pip install faiss-cpu`): no reference time."]
+    return lines
+
+
+def linear_section(linear: Mapping[str, Any]) -> list[str]:
+    if "skipped" in linear:
+        return [f"**Linear evaluation**: not run ({linear['skipped']})."]
+    runs, goals = linear["runs"], linear["goals"]
+    overrides = ", ".join(f"`{o}`" for o in linear.get("overrides", [])) or "none"
+    rows = [[mode, fmt(run["stage_seconds"], 1), fmt(run["test_top1"], 2), str(run["lr"]),
+             str(run["epochs"])] for mode, run in runs.items()]
+    return ([f"**Linear evaluation, cached features vs the augmented MoCo protocol** "
+             f"(`bench/bench_linear.py` on the demo's student; overrides of both runs: "
+             f"{overrides}).", ""]
+            + table(["mode", "stage seconds", "test top-1", "lr chosen", "epochs"], rows)
+            + ["", f"Speed-up {linear['speedup']:.1f}× (goal ≥ {goals['speedup_min']:g}: "
+                   f"{verdict(linear['speedup_goal_met'])}); top-1 cached − augmented "
+                   f"{linear['top1_cached_minus_augmented']:+.2f} points (goal within "
+                   f"{goals['top1_gap_max']}: {verdict(linear['top1_goal_met'])})."])
+
+
+def versions_section(versions: Mapping[str, Any], *_: Any) -> list[str]:
+    if "skipped" in versions:
+        return [f"**Throughput against the earlier commit**: not run ({versions['skipped']})."]
+    models = versions["models"]
+    rows = []
+    for stage in ("pretrain", "distill"):
+        old, new = versions["versions"]["baseline"][stage], versions["versions"]["current"][stage]
+        speed = versions["speedup"][stage]
+        rows.append([stage, fmt(old["images_per_s"], 0), fmt(new["images_per_s"], 0),
+                     f"{speed:.2f} {verdict(speed >= versions['goal_min'])}",
+                     fmt(old["final_loss"], 3), fmt(new["final_loss"], 3)])
+    return ([f"**Training throughput against commit {versions['baseline_commit']}** "
+             f"(`bench/bench_versions.py`: both versions' own stages under torchrun, teacher "
+             f"{models['teacher']}, student {models['student']}, {versions['epochs']} epochs, "
+             f"median of {versions['rounds']} alternating rounds, goal ≥ "
+             f"{versions['goal_min']}×).", ""]
+            + table(["stage", f"img/s at {versions['baseline_commit']}",
+                     f"img/s at {versions['current_commit']}", "speed-up",
+                     "final loss before", "final loss now"], rows))
+
+
+def levers_section(levers: Mapping[str, Any]) -> list[str]:
+    speedups = levers["speedup_over_fp32"]
+    names = sorted({lever for case in speedups.values() for lever in case} - {"fp32"},
+                   key=["channels_last", "bf16", "bf16_channels_last", "compile",
+                        "fold_bn"].index)
+    rows = [[case, *(fmt(values.get(lever)) for lever in names)]
+            for case, values in speedups.items()]
+    compiled = ", ".join(f"{case} {seconds:.0f} s" for case, seconds
+                         in levers.get("compile_seconds", {}).items())
+    return ([f"**CPU speed levers** (`bench/bench_levers.py`: speed-up of the step over plain "
+             f"fp32, teacher {levers['teacher']}, student {levers['student']}).", ""]
+            + table(["step", *names], rows)
+            + (["", f"`torch.compile` costs its compilation first: {compiled}."]
+               if compiled else []))
+
+
+def loader_section(loader: Mapping[str, Any]) -> list[str]:
+    ours, seed = loader["ours_samples_per_s"], loader["seed_tsv_samples_per_s"]
+    rows = [[f"{w} worker(s)", fmt(ours[w], 0), fmt(seed[w], 0),
+             f"{ours[w] / seed[w]:.2f}", f"{ours[w] / loader['step_samples_per_s']:.2f}"]
+            for w in ours]
+    return ([f"**Training loader** (`bench/bench_loader.py`: {loader['samples']:,} "
+             f"{loader['image']}s in shards, crop {loader['crop']}, batch {loader['batch']}; the "
+             f"SEED step at the default config consumes "
+             f"{loader['step_samples_per_s']:,.0f} samples/s).", ""]
+            + table(["", "ours samples/s", "SEED TSV loader samples/s", "ours / SEED's",
+                     "ours / step"], rows))
+
+
+def shards_section(shards: Mapping[str, Any]) -> list[str]:
+    rates = shards["records_per_s_median"]
+    return [f"**TSV → shards** (`bench/bench_shards.py`: {shards['records']:,} JPEGs of "
+            f"{shards['image_side']} px, {shards['tsv_mib']} MiB): "
+            f"{rates['shuffled_workers_1']:,.0f} records/s with 1 worker, "
+            f"{rates['shuffled_workers_2']:,.0f} with {shards['cpus']}; in a global shuffle "
+            f"{shards['shuffled_over_tsv_order']['workers_1']:.2f}× the rate of the TSV's "
+            f"order (1 worker); peak memory {shards['peak_rss_mib']} MiB (it grew "
+            f"{shards['peak_rss_growth_during_conversion_mib']} MiB while converting)."]
+
+
+def pipeline_section(metrics: Path) -> list[str]:
+    """The committed run's data wait per training stage and its DVC + start-up overhead."""
+    rows = []
+    for name in ("pretrain_teacher", "pretrain_baseline", "distill"):
+        path = metrics / f"{name}.json"
+        if not path.exists():
+            continue
+        m = json.loads(path.read_text())
+        wait = m.get("data_wait_fraction")
+        if wait is None:
+            continue
+        rows.append([name, fmt(m.get("images_per_s"), 0), f"{100 * wait:.1f}%",
+                     verdict(wait <= DATA_WAIT_GOAL)])
+    lines = []
+    if rows:
+        lines += (["**Data wait in the default pipeline** (`metrics/*.json` of the committed "
+                   "run: time waiting for the batch over the steps' wall time, goal ≤ "
+                   f"{100 * DATA_WAIT_GOAL:.0f}%).", ""]
+                  + table(["stage", "img/s", "data wait", "goal"], rows) + [""])
+    path = metrics / "pipeline.json"
+    timing = json.loads(path.read_text()) if path.exists() else {}
+    if timing.get("one_run"):
+        overhead = timing["overhead_seconds"]
+        lines += [f"**DVC and start-up overhead of the committed `dvc repro`** "
+                  f"(`metrics/pipeline.json`): wall {timing['wall_seconds']:.0f} s − the stages' "
+                  f"own {timing['stage_seconds']:.0f} s = {overhead:.0f} s (goal ≤ "
+                  f"{OVERHEAD_GOAL_S:.0f} s: {verdict(overhead <= OVERHEAD_GOAL_S)}): "
+                  f"{timing['startup_seconds']:.0f} s of process start-up (Python, imports, "
+                  f"writing outputs) and {timing['between_stages_seconds']:.0f} s between "
+                  f"processes (DVC hashing and caching, torchrun's launcher)."]
+    return lines
+
+
+SECTIONS: list[tuple[str, Callable[[Mapping[str, Any]], list[str]]]] = [
+    ("versions", versions_section), ("step", step_section), ("levers", levers_section),
+    ("loader", loader_section), ("knn", knn_section), ("linear", linear_section),
+    ("shards", shards_section)]
+
+
+def render(results: Path = RESULTS, metrics: Path = ROOT / "metrics") -> str:
+    out: list[str] = []
+    machine = load("step", results)
+    if machine:
+        out += [f"Machine: {machine.get('machine', '?')}, torch {machine.get('torch', '?')}, "
+                f"load average {machine.get('load_average_at_start')} when the step benchmark "
+                f"started. Each figure is from one run of `make bench`; ratios compare runs "
+                f"of the same sitting.", ""]
+    out += pipeline_section(metrics) + [""]
+    for name, section in SECTIONS:
+        data = load(name, results)
+        out += (section(data) if data else [f"`bench/bench_{name}.py`: not run yet."]) + [""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def rewrite(readme: str, body: str) -> str:
+    if BEGIN not in readme or END not in readme:
+        raise SystemExit(f"the README has no {BEGIN} ... {END} markers")
+    head, rest = readme.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{body}{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("readme", type=Path)
+    parser.add_argument("--check", action="store_true", help="exit 1 if the section is stale")
+    args = parser.parse_args(argv)
+    text = args.readme.read_text()
+    new = rewrite(text, render())
+    if args.check:
+        if new != text:
+            sys.exit(f"{args.readme}: the performance section is stale: run "
+                     f"python bench/render.py {args.readme}")
+        return
+    if new != text:
+        tmp = args.readme.with_suffix(".tmp")
+        tmp.write_text(new)
+        tmp.replace(args.readme)
+
+
+if __name__ == "__main__":
+    main()
