@@ -466,7 +466,8 @@ def test_features_knn_linear_report_pipeline(tiny_pipeline, monkeypatch):
     assert knn_metrics["selected_on"] == "holdout"
     assert knn_metrics["configured"] == {"k": 5, "temperature": 0.07}
     assert set(knn_metrics) == {"name", "k", "temperature", "selected_on", "configured",
-                                "holdout", "test", "per_class_top1", "seconds"}
+                                "holdout", "test", "per_class_top1", "seconds", "started_at",
+                                "finished_at"}
     # the test split is scored once, with the chosen pair and the whole train as the bank
     val = load_file("data/features/student/val.safetensors")
     scores = knn_classify(train["features"], train["labels"], val["features"], k, t, 4)
@@ -478,7 +479,7 @@ def test_features_knn_linear_report_pipeline(tiny_pipeline, monkeypatch):
     assert torch.equal(predictions["prediction"], scores.argmax(1))
     lin = json.loads(Path("metrics/linear_student.json").read_text())
     assert set(lin) == {"name", "mode", "epochs", "lr", "selected_on", "holdout", "test",
-                        "per_class_top1", "seconds"}
+                        "per_class_top1", "seconds", "started_at", "finished_at"}
     assert set(lin["holdout"]["lr_top1"]) == {"0.01", "0.1"} and lin["lr"] in (0.01, 0.1)
     assert lin["holdout"]["lr_edge"] == {0.01: "lowest", 0.1: "highest"}[lin["lr"]]
     lin_pred = load_predictions("data/predictions/linear_student.safetensors")

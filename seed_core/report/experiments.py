@@ -70,13 +70,14 @@ def collect(shown: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if baseline.get("rev") == "workspace" or not baseline.get("data"):
             continue
         base_params = flat(_file_data(baseline["data"].get("params", {}), "params.yaml"))
-        rows.append(run_row(baseline.get("name") or baseline["rev"][:7], baseline["data"],
-                            base_params))
+        commit = str(baseline.get("rev", ""))[:7]
+        rows.append({**run_row(baseline.get("name") or commit, baseline["data"], base_params),
+                     "base_commit": commit})
         for experiment in baseline.get("experiments") or []:
             for rev in experiment.get("revs") or []:
                 if rev.get("data") and not rev.get("error"):
-                    rows.append(run_row(rev.get("name") or experiment.get("name"),
-                                        rev["data"], base_params))
+                    rows.append({**run_row(rev.get("name") or experiment.get("name"),
+                                           rev["data"], base_params), "base_commit": commit})
     return rows
 
 
@@ -117,9 +118,12 @@ def table(rows: list[Mapping[str, Any]]) -> str:
 
 
 def section(rows: list[Mapping[str, Any]]) -> str:
+    commits = sorted({row.get("base_commit") for row in rows if row.get("base_commit")})
+    made = (f" The runs were made from commit{'s' if len(commits) > 1 else ''} "
+            + ", ".join(f"`{c}`" for c in commits) + "." if commits else "")
     return (f"{BEGIN}\n{table(rows)}\n\nTest-split top-1 (%); the paired test of SEED against "
             f"the baseline is McNemar's, on the same 10,000 test images (see above). `distill "
-            f"s`: the stage's own seconds.\n{END}")
+            f"s`: the stage's own seconds.{made}\n{END}")
 
 
 def splice(text: str, new: str, where: str) -> str:
