@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from seed_core.io import splice_section, write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 BEGIN, END = "<!-- bench: begin -->", "<!-- bench: end -->"
@@ -231,30 +233,20 @@ def render(results: Path = RESULTS, metrics: Path = ROOT / "metrics") -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def rewrite(readme: str, body: str) -> str:
-    if BEGIN not in readme or END not in readme:
-        raise SystemExit(f"the README has no {BEGIN} ... {END} markers")
-    head, rest = readme.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{body}{END}{tail}"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("readme", type=Path)
     parser.add_argument("--check", action="store_true", help="exit 1 if the section is stale")
     args = parser.parse_args(argv)
     text = args.readme.read_text()
-    new = rewrite(text, render())
+    new = splice_section(text, BEGIN, END, render(), str(args.readme))
     if args.check:
         if new != text:
             sys.exit(f"{args.readme}: the performance section is stale: run "
                      f"python bench/render.py {args.readme}")
         return
     if new != text:
-        tmp = args.readme.with_suffix(".tmp")
-        tmp.write_text(new)
-        tmp.replace(args.readme)
+        write_text(args.readme, new)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from seed_core.io import splice_section
+
 PACKAGE = "seed_core"
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the directory holding seed_core/
 LAZY_TABLE = "LAZY_EXPORTS"
@@ -268,11 +270,7 @@ def code_map(repo: Path) -> str:
 
 
 def rewrite_readme(text: str, table: str) -> str:
-    if README_BEGIN not in text or README_END not in text:
-        raise ValueError(f"README lacks the code map markers {README_BEGIN!r} / {README_END!r}")
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    return f"{head}{README_BEGIN}\n{table}\n{README_END}{tail}"
+    return splice_section(text, README_BEGIN, README_END, table, "README")
 
 
 def main(argv: list[str] | None = None) -> int:

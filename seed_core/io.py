@@ -116,6 +116,20 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def splice_section(text: str, begin: str, end: str, section: str, where: str) -> str:
+    """`text` (a README) with the lines between its marker lines `begin` and `end` replaced by
+    `section`; the generated sections (results, experiments, code map, benchmarks) use it."""
+    lines = text.splitlines(keepends=True)
+    begins = [i for i, line in enumerate(lines) if line.strip() == begin]
+    ends = [i for i, line in enumerate(lines) if line.strip() == end]
+    if len(begins) != 1 or len(ends) != 1 or begins[0] > ends[0]:
+        raise ValueError(f"{where}: needs exactly one line '{begin}' followed by one line "
+                         f"'{end}' (found {len(begins)} and {len(ends)}); add them where the "
+                         f"generated section belongs")
+    return "".join(lines[:begins[0] + 1]) + section.rstrip("\n") + "\n" + "".join(
+        lines[ends[0]:])
+
+
 def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

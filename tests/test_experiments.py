@@ -63,5 +63,5 @@ def test_readme_section_is_rewritten_and_checked(tmp_path: Path) -> None:
     assert "| tt001 |" in readme.read_text() and readme.read_text().endswith("\n\nafter\n")
     assert main([str(readme), "--rows", str(rows), "--check"]) == 0
     readme.write_text("no markers")
-    with pytest.raises(ValueError, match="lacks the markers"):
+    with pytest.raises(ValueError, match="needs exactly one line"):
         main([str(readme), "--rows", str(rows)])

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from seed_core.io import read_json, write_json
+from seed_core.io import read_json, splice_section, write_json
 
 BEGIN, END = "<!-- experiments: begin -->", "<!-- experiments: end -->"
 MODELS = ("teacher", "baseline", "student")
@@ -121,16 +121,9 @@ def section(rows: list[Mapping[str, Any]]) -> str:
     commits = sorted({row.get("base_commit") for row in rows if row.get("base_commit")})
     made = (f" The runs were made from commit{'s' if len(commits) > 1 else ''} "
             + ", ".join(f"`{c}`" for c in commits) + "." if commits else "")
-    return (f"{BEGIN}\n{table(rows)}\n\nTest-split top-1 (%); the paired test of SEED against "
+    return (f"{table(rows)}\n\nTest-split top-1 (%); the paired test of SEED against "
             f"the baseline is McNemar's, on the same 10,000 test images (see above). `distill "
-            f"s`: the stage's own seconds.{made}\n{END}")
-
-
-def splice(text: str, new: str, where: str) -> str:
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"{where}: lacks the markers {BEGIN} / {END}")
-    head, rest = text.split(BEGIN, 1)
-    return head + new + rest.split(END, 1)[1]
+            f"s`: the stage's own seconds.{made}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,9 +140,13 @@ def main(argv: list[str] | None = None) -> int:
                                           capture_output=True, text=True).stdout)
         write_json(args.rows, collect(shown))
     if args.readme:
+        if not Path(args.rows).exists():
+            print(f"{args.rows}: missing; run python -m seed_core.report.experiments --collect "
+                  f"in the repository whose `dvc exp show` holds the runs", file=sys.stderr)
+            return 2
         readme = Path(args.readme)
         text = readme.read_text()
-        new = splice(text, section(read_json(args.rows)), str(readme))
+        new = splice_section(text, BEGIN, END, section(read_json(args.rows)), str(readme))
         if args.check:
             if new != text:
                 print(f"{readme}: the experiments table is stale; run python -m "

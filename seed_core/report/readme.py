@@ -18,12 +18,12 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
-from seed_core.io import read_json, write_text
+from seed_core.io import read_json, splice_section, write_text
 from seed_core.report.prose import ordering_sentence, selection_paragraph
 from seed_core.report.readers import check_reproduce, read_metrics, stage_seconds
-from seed_core.report.timing import timing_sentence
 from seed_core.report.tables import (MODELS, PROTOCOLS, build_summary, paired_table,
                                      results_table, seeds_table)
+from seed_core.report.timing import timing_sentence
 
 BEGIN = "<!-- results: begin -->"
 END = "<!-- results: end -->"
@@ -114,16 +114,11 @@ def results_section(metrics_dir: str | Path) -> str:
 
 
 def splice(readme_text: str, section: str, where: str) -> str:
-    """`readme_text` with everything between the markers replaced by `section`."""
-    lines = readme_text.splitlines(keepends=True)
-    begins = [i for i, line in enumerate(lines) if line.strip() == BEGIN]
-    ends = [i for i, line in enumerate(lines) if line.strip() == END]
-    if len(begins) != 1 or len(ends) != 1 or begins[0] > ends[0]:
-        raise ReadmeError(f"{where}: needs exactly one line '{BEGIN}' followed by one line "
-                          f"'{END}' around the results section (found {len(begins)} and "
-                          f"{len(ends)}); add them where the results belong")
-    return "".join(lines[:begins[0] + 1]) + section.rstrip("\n") + "\n" + "".join(
-        lines[ends[0]:])
+    """`readme_text` with everything between the results markers replaced by `section`."""
+    try:
+        return splice_section(readme_text, BEGIN, END, section, where)
+    except ValueError as err:
+        raise ReadmeError(str(err)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
