@@ -104,9 +104,10 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 class PretrainConfig:
     """MoCo-v2 (Chen et al. 2020) for the in-pipeline teacher and the student's SSL baseline."""
 
-    epochs: int = 8  # contract key: the student baseline's epochs (and the teacher's by default)
-    # SEED's teachers train longer than its students (800 vs 200 epochs); 0 = `epochs`
-    teacher_epochs: int = 0
+    epochs: int = 8  # contract key: the student baseline's epochs
+    # SEED's teachers train longer than its students (800 vs 200 epochs). Its own key, with no
+    # fallback to `epochs`, so that DVC re-runs the teacher's pre-training only when it changes
+    teacher_epochs: int = 12
     batch_size: int = 256  # global batch (split across ranks)
     lr: float = 0.03  # per 256 images; scaled by global batch / 256
     momentum: float = 0.9
@@ -129,8 +130,8 @@ class PretrainConfig:
         _check(self.epochs >= 1, "pretrain.epochs", "must be >= 1")
         _check(self.checkpoint_every >= 0, "pretrain.checkpoint_every",
                "must be >= 0 (0 = once per epoch)", self.checkpoint_every)
-        _check(self.teacher_epochs >= 0, "pretrain.teacher_epochs",
-               "must be >= 0 (0 = pretrain.epochs)")
+        _check(self.teacher_epochs >= 1, "pretrain.teacher_epochs", "must be >= 1",
+               self.teacher_epochs)
         _check(self.batch_size >= 2, "pretrain.batch_size", "must be >= 2")
         _check(self.nproc >= 1, "pretrain.nproc", "must be >= 1")
         _check(self.batch_size % self.nproc == 0, "pretrain.batch_size",
@@ -142,7 +143,7 @@ class PretrainConfig:
         _check(0.0 <= self.key_momentum < 1.0, "pretrain.key_momentum", "must be in [0, 1)",
                self.key_momentum)
         _check(self.temperature > 0, "pretrain.temperature", "must be > 0", self.temperature)
-        shortest = min(self.epochs, self.teacher_epochs or self.epochs)
+        shortest = min(self.epochs, self.teacher_epochs)
         _check_optimizer("pretrain", self, shortest)
         _check(self.embed_dim >= 1, "pretrain.embed_dim", "must be >= 1", self.embed_dim)
         _check(self.hidden_dim >= 0, "pretrain.hidden_dim", "must be >= 0 (0 = feature width)",

@@ -60,7 +60,7 @@ def role_arch(params: Params, role: str) -> tuple[str, bool, int]:
     """(architecture, small_images, epochs) of what `role` pre-trains."""
     if role == "teacher":
         return (params.teacher.arch, params.teacher.small_images,
-                params.pretrain.teacher_epochs or params.pretrain.epochs)
+                params.pretrain.teacher_epochs)
     return params.student.arch, params.student.small_images, params.pretrain.epochs
 
 

@@ -104,19 +104,21 @@ def test_small_patch_size_follows_seed_96_of_224() -> None:
     assert small_patch_size(params.data, DistillConfig(small_size=12)) == 12
 
 
-def test_teacher_epochs_default_to_the_baseline_epochs() -> None:
+def test_teacher_and_baseline_epochs_are_separate_keys() -> None:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("stage_pretrain", ROOT / "stages" / "pretrain.py")
     pretrain = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pretrain)
+    # the teacher's epochs never follow pretrain.epochs: dvc.yaml's pretrain@teacher stage does
+    # not depend on it, so a change of the baseline's epochs leaves the teacher cached
     same = parse_params({"pretrain": {"epochs": 6}, "teacher": {"arch": "resnet18d"}})
-    assert pretrain.role_arch(same, "teacher") == ("resnet18d", False, 6)
+    assert pretrain.role_arch(same, "teacher") == ("resnet18d", False, 12)
     longer = parse_params({"pretrain": {"epochs": 6, "teacher_epochs": 12}})
     assert pretrain.role_arch(longer, "teacher")[2] == 12
     assert pretrain.role_arch(longer, "baseline") == ("mobilenetv3_small_050", False, 6)
-    with pytest.raises(ConfigError, match=r"'pretrain\.teacher_epochs' must be >= 0"):
-        parse_params({"pretrain": {"teacher_epochs": -1}})
+    with pytest.raises(ConfigError, match=r"'pretrain\.teacher_epochs' must be >= 1"):
+        parse_params({"pretrain": {"teacher_epochs": 0}})
 
 
 @pytest.mark.parametrize("section", ["pretrain", "distill"])

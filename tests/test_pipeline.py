@@ -29,7 +29,7 @@ TINY = {
     # a 1-epoch teacher checked on 200 images may not pass the gate (tests/test_teacher_stage.py
     # shows the gate passing and failing); the numbers are still recorded
     "teacher": {"verify_samples": 200, "verify_gate": False},
-    "pretrain": {"epochs": 1, "teacher_epochs": 0, "batch_size": 64, "queue_size": 128},
+    "pretrain": {"epochs": 1, "teacher_epochs": 1, "batch_size": 64, "queue_size": 128},
     "distill": {"epochs": 1, "batch_size": 64, "queue_size": 128, "checkpoint_every": 2},
     "features": {"batch_size": 200},
     "knn": {"sweep_k": [5, 10]},
@@ -224,6 +224,20 @@ def test_changing_knn_k_reruns_only_knn_and_report(repo: Repo) -> None:
     assert repo.repro() == {"knn@teacher", "knn@baseline", "knn@student", "report"}
     assert repo.read_json("metrics/knn_student.json")["configured"]["k"] == 5
     repo.commit("k=5")
+
+
+def test_the_baselines_epochs_leave_the_teachers_pretraining_cached(repo: Repo) -> None:
+    """A user tuning the student's epochs does not pay for the teacher's pre-training again."""
+    def stale() -> set[str]:
+        return set(json.loads(repo.run("dvc", "status", "--json").stdout))
+
+    assert stale() == set()
+    repo.set_params(pretrain__epochs=2)
+    assert {"pretrain@baseline"} <= stale() and "pretrain@teacher" not in stale()
+    repo.set_params(pretrain__epochs=1, pretrain__teacher_epochs=2)
+    assert "pretrain@teacher" in stale() and "pretrain@baseline" not in stale()
+    repo.run("git", "checkout", "params.yaml")
+    assert stale() == set()
 
 
 def test_changing_limit_train_reruns_only_its_dependents(repo: Repo) -> None:
