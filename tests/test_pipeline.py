@@ -261,10 +261,7 @@ def test_dvc_experiment_with_a_changed_temperature(repo: Repo, mlflow_server: st
 
 
 TIMING_KEYS = {"seconds", "images_per_s", "records_per_s", "data_seconds", "compute_seconds",
-               "data_wait_fraction", "started_at", "finished_at",
-               # metrics/pipeline.json: where the wall time of the repro went
-               "wall_seconds", "stage_seconds", "overhead_seconds", "startup_seconds",
-               "between_stages_seconds", "largest_gap_s"}
+               "data_wait_fraction", "started_at", "finished_at"}
 
 
 def without_timing(metrics: object) -> object:
@@ -304,7 +301,8 @@ def test_code_edits_rerun_exactly_the_stages_that_import_them(repo: Repo) -> Non
 
 def test_same_params_and_seed_give_identical_metrics(repo: Repo) -> None:
     """Issue 12: on CPU a second run of the whole pipeline reproduces every metric."""
-    metrics = sorted((repo.path / "metrics").glob("*.json"))
+    # pipeline.json is about the wall clock only (which stages ran in one repro, and when)
+    metrics = sorted(p for p in (repo.path / "metrics").glob("*.json") if p.name != "pipeline.json")
     before = {p.name: without_timing(json.loads(p.read_text())) for p in metrics}
     assert repo.run("dvc", "repro", "--force").returncode == 0
     after = {p.name: without_timing(json.loads(p.read_text())) for p in metrics}
