@@ -110,6 +110,48 @@ def test_nan_loss_stops_with_a_clear_error() -> None:
                   amp=contextlib.nullcontext, where="distill epoch 2 step 7")
 
 
+def nan_gradients(parameter: torch.nn.Parameter, times: int) -> list[int]:
+    """A gradient hook (the fault, from outside the step) that spoils the first `times`
+    gradients of `parameter` with NaN in a few entries, as oneDNN's bf16 kernel did."""
+    calls = [0]
+
+    def spoil(grad: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] > times:
+            return grad
+        grad = grad.clone()
+        grad.view(-1)[:3] = float("nan")
+        return grad
+
+    parameter.register_hook(spoil)
+    return calls
+
+
+def test_a_nonfinite_gradient_is_recomputed_once_then_stops_training() -> None:
+    views = [torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))]
+
+    def step(times: int | None) -> tuple[Encoder, list[int] | None]:
+        student, teacher = encoder(0), encoder(1).eval()
+        queue = EmbeddingQueue(12, 16)
+        queue.fill_random(torch.Generator().manual_seed(0))
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+        calls = None if times is None else nan_gradients(
+            next(student.backbone.parameters()), times)
+        seed_step(student, teacher, queue, views, t_student=0.2, t_teacher=0.01,
+                  optimizer=optimizer, scaler=None, gather=lambda x: x,
+                  amp=contextlib.nullcontext, where="distill epoch 0 step 3")
+        return student, calls
+
+    clean, _ = step(None)
+    once, calls = step(1)
+    assert calls == [2]  # the backward ran twice, and the step is the clean one, bit for bit
+    for a, b in zip(clean.state_dict().values(), once.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match=r"non-finite gradient at distill epoch 0 step 3 in 1 "
+                                           r"parameter tensor\(s\) \(first: a \("):
+        step(2)
+
+
 def test_small_patches_add_a_second_queue_loss() -> None:
     student, teacher = encoder(0), encoder(1).eval()
     queue, small = EmbeddingQueue(12, 16), EmbeddingQueue(12, 16)

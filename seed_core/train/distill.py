@@ -42,7 +42,7 @@ def seed_step(student: torch.nn.Module, teacher: torch.nn.Module, queue: Any,
                                     t_teacher)
     check_finite(loss, where)
     optimizer.zero_grad(set_to_none=True)
-    backward_step(loss, optimizer, scaler)
+    backward_step(loss, optimizer, scaler, where)
     metrics = {"loss": loss.item()}
     if with_stats:
         metrics["agreement"] = seed_agreement(student_z.detach(), teacher_z, queue.buffer).item()

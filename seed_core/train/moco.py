@@ -40,7 +40,7 @@ def moco_step(query_encoder: torch.nn.Module, key_encoder: torch.nn.Module, queu
     loss = infonce_loss(query_z, key_z, queue.buffer, temperature)
     check_finite(loss, where)
     optimizer.zero_grad(set_to_none=True)
-    backward_step(loss, optimizer, scaler)
+    backward_step(loss, optimizer, scaler, where)
     queue.enqueue(gather(key_z))
     return {"loss": loss.item()}
 
