@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from seed_core.io import read_json, write_json, write_text
 from seed_core.launch import stage
 from seed_core.report.readers import check_reproduce
-from seed_core.report.reproduce import check_goals, gather, stage_seconds
+from seed_core.report.reproduce import check_goals, gather, stage_seconds, wall_seconds
 from seed_core.report.tables import seeds_table
 from seed_core.stagekit import add_params_arguments
 
@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> None:
         sizes = {arch: backbone_parameters(runs / arch / str(cfg.seeds[0]) / "seed" / "model" /
                                            "model.safetensors") for arch in cfg.students}
         result["goals"] = check_goals(result, sizes)
-        result = {"seconds": round(stage_seconds(runs) + ctx.seconds, 1), **result}
+        wall = wall_seconds(runs)
+        result = {"seconds": round(stage_seconds(runs) + ctx.seconds, 1),
+                  **({"wall_seconds": round(wall + ctx.seconds, 1)} if wall else {}), **result}
         check_reproduce(result, args.out)  # the contract, before anything is written
         write_json(args.out, result)
         write_text(args.report, "# make reproduce: students over seeds\n\n"

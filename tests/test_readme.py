@@ -118,9 +118,14 @@ def test_reproduce_table_appears_when_reproduce_json_exists(repo: Path) -> None:
                                   "linear_top1": [82.0, 82.5, 81.5]}}}}
     (repo / "metrics" / "reproduce.json").write_text(json.dumps(reproduce))
     section = results_section(repo / "metrics")
-    assert "Students over seeds (`make reproduce`, 55.0 min; teacher resnet18d" in section
+    assert "Students over seeds (`make reproduce`: 55.0 min inside its stages; teacher " \
+        "resnet18d" in section
     assert ("| resnet10t | kNN | 80.00 / 80.50 / 79.50 | 80.00 ± 0.50 | 79.00 / 79.00 / 79.00 | "
-            "79.00 ± 0.00 | +1.00 | – | – |") in section  # teacher = baseline: no gap to recover
+            "79.00 ± 0.00 | +1.00 | – (teacher − baseline +0.00) | – |") in section  # no gap
+    (repo / "metrics" / "reproduce.json").write_text(json.dumps({**reproduce,
+                                                                  "wall_seconds": 3600.0}))
+    assert "(`make reproduce`: 60.0 min from the first stage's start to the last one's end, " \
+        "55.0 min inside its stages; teacher" in results_section(repo / "metrics")
     # reproduce.json does not count as a stage's compute time
     assert "Compute: 542 s" in section
     reproduce["students"]["resnet10t"]["seed"]["knn_top1"] = [80.0]

@@ -252,6 +252,11 @@ def test_paired_metrics_and_seeds_table():
                         "60.00 / 60.00 / 60.00 | 60.00 ± 0.00 | +14.00 | 70% | max p 1e-06 "
                         "(3/3 seeds significant) |")
     assert table[3].endswith("| +16.00 | 67% | max p 0.2 (2/3 seeds significant) |")
+    # a baseline within a point of the teacher: no share of a gap that is not there
+    close = json.loads(json.dumps(reproduce))
+    close["students"]["mobilenetv3_small_050"]["baseline"]["knn_top1"] = [79.5, 79.6, 79.7]
+    row = seeds_table(check_reproduce(close, "r.json")).splitlines()[2]
+    assert "| -5.60 | – (teacher − baseline +0.40) |" in row
     bad = json.loads(json.dumps(reproduce))
     bad["students"]["mobilenetv3_small_050"]["baseline"]["knn_top1"] = [60.0, 60.0]
     with pytest.raises(ValueError, match=r"r.json: 'students.mobilenetv3_small_050' lists of "

@@ -120,3 +120,20 @@ def test_goals_use_seed_means_and_the_smallest_student() -> None:
                                   "linear_top1": pytest.approx(9.0)}
     assert goals["seed_beats_baseline_significantly_every_seed"] is False  # b linear p = 0.2
     assert goals["teacher_beats_every_student_significantly"] is False  # b kNN p = 0.3
+
+
+def test_wall_seconds_spans_the_first_start_to_the_last_end(tmp_path: Path) -> None:
+    from seed_core.report.reproduce import wall_seconds
+
+    for name, start, end in (("r10/0/seed/train.json", 100.0, 160.0),
+                             ("r10/0/seed/knn.json", 170.0, 171.0),
+                             ("r10/1/baseline/train.json", 161.0, 230.5)):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(json.dumps({"seconds": end - start - 1, "started_at": start,
+                                                 "finished_at": end}))
+    assert wall_seconds(tmp_path) == 130.5
+    (tmp_path / "r10/0/seed/model").mkdir()
+    (tmp_path / "r10/0/seed/model/model.json").write_text(json.dumps({"arch": "r10"}))
+    assert wall_seconds(tmp_path) == 130.5  # the model's metadata is not a stage's metrics
+    (tmp_path / "r10/1/baseline/linear.json").write_text(json.dumps({"seconds": 3.0}))  # older
+    assert wall_seconds(tmp_path) is None

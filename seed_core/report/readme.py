@@ -104,7 +104,11 @@ def results_section(metrics_dir: str | Path) -> str:
     if reproduce_path.is_file():
         reproduce = check_reproduce(read_json(reproduce_path), str(reproduce_path))
         teacher = reproduce["teacher"]
-        parts += [f"Students over seeds (`make reproduce`, {reproduce['seconds'] / 60:.1f} min; "
+        took = f"{reproduce['seconds'] / 60:.1f} min inside its stages"
+        if reproduce.get("wall_seconds"):
+            took = (f"{reproduce['wall_seconds'] / 60:.1f} min from the first stage's start to "
+                    f"the last one's end, {took}")
+        parts += [f"Students over seeds (`make reproduce`: {took}; "
                   f"teacher {teacher['arch']}: kNN {teacher['knn_top1']:.2f}, linear "
                   f"{teacher['linear_top1']:.2f}); mean ± sample standard deviation over seeds, "
                   f"gain = SEED − baseline of the means, gap recovered = gain / (teacher − "

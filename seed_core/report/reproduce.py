@@ -94,6 +94,18 @@ def check_goals(result: Mapping[str, Any], sizes: Mapping[str, int]) -> dict[str
     }
 
 
+def wall_seconds(runs: Path) -> float | None:
+    """From the first stage's process start to the last one's end, over every training and
+    evaluation metrics file under `runs` (None when they do not all record it). It spans DVC's
+    work between the stages, so it is what a user waits; a span across two `dvc repro` sessions
+    (a partial re-run) counts the pause between them too."""
+    # the stages' metrics files: runs/ARCH/SEED/METHOD/{train,knn,linear}.json (not model.json)
+    times = [read_json(path) for path in sorted(runs.glob("*/*/*/*.json"))]
+    if not times or any("started_at" not in t or "finished_at" not in t for t in times):
+        return None
+    return max(t["finished_at"] for t in times) - min(t["started_at"] for t in times)
+
+
 def stage_seconds(runs: Path) -> float:
     """Summed `seconds` of every training and evaluation stage under `runs`."""
     return sum(float(read_json(path).get("seconds", 0.0))

@@ -217,6 +217,10 @@ def seed_test_label(tests: Sequence[Mapping[str, Any]] | None) -> str:
     return f"max p {p_label(worst)} ({significant}/{len(tests)} seeds significant)"
 
 
+# the smallest teacher-over-baseline gap whose share `seeds_table` reports
+MIN_GAP_POINTS = 1.0
+
+
 def seeds_table(reproduce: Mapping[str, Any]) -> str:
     """The `make reproduce` student table (`metrics/reproduce.json`, checked by
     `readers.check_reproduce`).
@@ -235,7 +239,10 @@ def seeds_table(reproduce: Mapping[str, Any]) -> str:
             gain = seed_spread(seed_v).mean - seed_spread(base_v).mean
             t = teacher.get(metric)
             gap = (t - seed_spread(base_v).mean) if isinstance(t, (int, float)) else None
-            recovered = f"{100 * gain / gap:.0f}%" if gap and gap > 0 else "–"
+            # a share of a gap under a point is noise over noise (938% was printed once)
+            recovered = (f"{100 * gain / gap:.0f}%" if gap is not None and gap >= MIN_GAP_POINTS
+                         else f"– (teacher − baseline {signed(gap)})" if gap is not None
+                         else "–")
             lines.append(f"| {arch} | {label} | {per_seed_label(seed_v)} | {spread_label(seed_v)} "
                          f"| {per_seed_label(base_v)} | {spread_label(base_v)} | {signed(gain)} | "
                          f"{recovered} | {seed_test_label(runs.get('paired', {}).get(metric))} |")
