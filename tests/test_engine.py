@@ -127,29 +127,30 @@ def nan_gradients(parameter: torch.nn.Parameter, times: int) -> list[int]:
     return calls
 
 
-def test_a_nonfinite_gradient_is_recomputed_once_then_stops_training() -> None:
+def test_a_nonfinite_gradient_skips_the_step_with_a_warning(caplog) -> None:
     views = [torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))]
 
-    def step(times: int | None) -> tuple[Encoder, list[int] | None]:
+    def step(times: int | None) -> tuple[Encoder, Encoder]:
         student, teacher = encoder(0), encoder(1).eval()
+        before = copy.deepcopy(student)
         queue = EmbeddingQueue(12, 16)
         queue.fill_random(torch.Generator().manual_seed(0))
         optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
-        calls = None if times is None else nan_gradients(
-            next(student.backbone.parameters()), times)
+        if times is not None:
+            nan_gradients(next(student.backbone.parameters()), times)
         seed_step(student, teacher, queue, views, t_student=0.2, t_teacher=0.01,
                   optimizer=optimizer, scaler=None, gather=lambda x: x,
                   amp=contextlib.nullcontext, where="distill epoch 0 step 3")
-        return student, calls
+        return before, student
 
-    clean, _ = step(None)
-    once, calls = step(1)
-    assert calls == [2]  # the backward ran twice, and the step is the clean one, bit for bit
-    for a, b in zip(clean.state_dict().values(), once.state_dict().values()):
+    before, clean = step(None)
+    assert not all(torch.equal(a, b) for a, b in zip(before.parameters(), clean.parameters()))
+    before, spoiled = step(1)
+    # no NaN reaches the weights: the step left every parameter as it was
+    for a, b in zip(before.parameters(), spoiled.parameters()):
         assert torch.equal(a, b)
-    with pytest.raises(RuntimeError, match=r"non-finite gradient at distill epoch 0 step 3 in 1 "
-                                           r"parameter tensor\(s\) \(first: a \("):
-        step(2)
+    assert "non-finite gradient at distill epoch 0 step 3 in 1 parameter tensor(s)" in caplog.text
+    assert "step skipped" in caplog.text
 
 
 def test_small_patches_add_a_second_queue_loss() -> None:

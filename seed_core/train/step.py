@@ -6,7 +6,6 @@ import logging
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
@@ -24,35 +23,30 @@ def check_finite(loss: torch.Tensor, where: str) -> None:
 
 
 def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Any,
-                  where: str = "this step") -> None:
-    """Backward and optimizer step. Without a grad scaler (fp32, bf16) the gradients must be
-    finite: on CPU, oneDNN's bf16 weight-gradient kernels have been seen here to return NaN in a
+                  where: str = "this step") -> bool:
+    """Backward and optimizer step; False when the step was skipped.
+
+    Without a grad scaler (fp32, bf16) the gradients must be finite before they reach the
+    weights: on CPU, oneDNN's bf16 weight-gradient kernel has been seen here to return NaN in a
     few entries of one convolution (`resnet18d`'s layer4.0.conv1, 1,024 of 1.2M weights, in 2 of
     4 five-step MoCo runs at batch 64 under load) while the loss and every other gradient were
-    fine, and the same run gave finite values on the next try. One process recomputes the backward
-    once from the kept graph; a second non-finite gradient, or one under DDP, stops training
-    before the weights are spoiled (the last checkpoint is kept). GradScaler (fp16) skips such
-    steps itself."""
+    fine. Such a step is skipped with a warning, as GradScaler (fp16) skips steps with infinite
+    gradients; under DDP every rank sees the same reduced gradients and skips together. (The
+    graph is not kept for a second backward: compiled modules refuse `retain_graph`.)"""
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        return
-    alone = not (dist.is_initialized() and dist.get_world_size() > 1)
-    loss.backward(retain_graph=alone)
+        return True
+    loss.backward()
     bad = nonfinite_gradients(optimizer)
-    if bad and alone:
-        log.warning("non-finite gradient at %s in %s with a finite loss; recomputing the "
-                    "backward pass once", where, bad[0])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        bad = nonfinite_gradients(optimizer)
     if bad:
-        raise NonFiniteLossError(
-            f"non-finite gradient at {where} in {len(bad)} parameter tensor(s) (first: {bad[0]}) "
-            f"with a finite loss {loss.item():.4g}: use precision fp32; the last checkpoint is "
-            f"kept")
+        log.warning("non-finite gradient at %s in %d parameter tensor(s) (first: %s) with a "
+                    "finite loss %.4g: step skipped", where, len(bad), bad[0], loss.item())
+        optimizer.zero_grad(set_to_none=True)
+        return False
     optimizer.step()
+    return True
 
 
 def nonfinite_gradients(optimizer: torch.optim.Optimizer) -> list[str]:
