@@ -189,10 +189,12 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         var = m2 / n
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
-                m = self.momentum if self.momentum is not None else 0.1
+                self.num_batches_tracked.add_(1)
+                # momentum None is torch's cumulative average, as _BatchNorm.forward does it
+                m = (self.momentum if self.momentum is not None
+                     else 1.0 / float(self.num_batches_tracked))
                 self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
                 self.running_var.mul_(1 - m).add_(m2.detach() / (n - 1), alpha=m)
-                self.num_batches_tracked.add_(1)
         shape = [1, c] + [1] * (x.dim() - 2)
         y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
@@ -200,18 +202,75 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y.to(x.dtype)
 
 
+class GlobalBatchNormAct2d(GlobalBatchNorm):
+    """`GlobalBatchNorm`, then the dropout and activation that timm's `BatchNormAct2d` applies
+    inside the module (MobileNetV3, EfficientNet, RegNet...): a plain BatchNorm in its place
+    would silently remove them."""
+
+    def __init__(self, num_features: int, eps: float, momentum: float | None, affine: bool,
+                 track_running_stats: bool, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.drop = drop
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+class UnknownBatchNormError(TypeError):
+    """A BatchNorm subclass whose own behaviour a global-statistics conversion would lose."""
+
+
+def _batchnorm_kinds() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(plain BatchNorms, BatchNorms that carry an activation): the classes the conversion
+    knows. timm's `SplitBatchNorm2d` (AugMix's auxiliary statistics), the lazy and the
+    quantized BatchNorms are not among them."""
+    from timm.layers.norm_act import BatchNormAct2d, SyncBatchNormAct
+
+    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, GlobalBatchNorm)
+    with_act = (BatchNormAct2d, SyncBatchNormAct, GlobalBatchNormAct2d)
+    return plain, with_act
+
+
+def check_batchnorms(module: nn.Module) -> None:
+    """Raise `UnknownBatchNormError` naming every BatchNorm subclass in `module` that the
+    conversion does not know (it must never be swapped for a plain BatchNorm)."""
+    plain, with_act = _batchnorm_kinds()
+    known = set(plain) | set(with_act)
+    unknown = sorted({f"{name} ({type(m).__module__}.{type(m).__qualname__})"
+                      for name, m in module.named_modules()
+                      if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m) not in known})
+    if unknown:
+        raise UnknownBatchNormError(
+            f"BatchNorm subclasses with no global-statistics version: {unknown[:5]}; train this "
+            f"model with one process (nproc: 1), or with distill.sync_bn: false (each rank then "
+            f"normalises its own part of the batch)")
+
+
 def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """BN over the global batch: torch's SyncBatchNorm on CUDA, GlobalBatchNorm elsewhere."""
+    """BN over the global batch, each module keeping its own behaviour (the activation of
+    timm's BatchNormAct2d): timm's converter on CUDA, `GlobalBatchNorm(Act2d)` elsewhere. An
+    unknown BatchNorm subclass is an error, never a silent swap."""
+    check_batchnorms(module)
     if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return _swap_batchnorm(module)
+        from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
+
+        return timm_convert_sync_batchnorm(module)
+    return _swap_batchnorm(module, _batchnorm_kinds())
 
 
-def _swap_batchnorm(module: nn.Module) -> nn.Module:
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
-            module, GlobalBatchNorm):
-        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                              module.track_running_stats)
+def _swap_batchnorm(module: nn.Module, kinds: tuple[tuple[type, ...], tuple[type, ...]]
+                    ) -> nn.Module:
+    _, with_act = kinds
+    if isinstance(module, (GlobalBatchNorm, GlobalBatchNormAct2d)):
+        return module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        args = (module.num_features, module.eps, module.momentum, module.affine,
+                module.track_running_stats)
+        if isinstance(module, with_act):
+            new: GlobalBatchNorm = GlobalBatchNormAct2d(*args, drop=module.drop, act=module.act)
+        else:
+            new = GlobalBatchNorm(*args)
         if module.affine:
             with torch.no_grad():
                 new.weight.copy_(module.weight)
@@ -223,7 +282,7 @@ def _swap_batchnorm(module: nn.Module) -> nn.Module:
         new.train(module.training)
         return new
     for name, child in module.named_children():
-        module.add_module(name, _swap_batchnorm(child))
+        module.add_module(name, _swap_batchnorm(child, kinds))
     return module
 
 

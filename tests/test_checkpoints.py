@@ -403,16 +403,20 @@ def test_small_image_stem_is_detected(tmp_path: Path) -> None:
         convert_checkpoint(obj, "resnet18", small_images=False)
 
 
-def test_timm_plain_state_dict_drops_its_classifier(tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch,width", [("efficientnet_b0", 1280),
+                                        ("mobilenetv3_small_050", 1024)])
+def test_timm_plain_state_dict_drops_its_classifier(tmp_path: Path, arch: str, width: int
+                                                    ) -> None:
+    """The teacher's conversion of the families whose BatchNorms carry their activation:
+    the canonical encoder computes the original network's pre-logits."""
     import timm
 
     torch.manual_seed(0)
-    net = randomise(timm.create_model("efficientnet_b0", num_classes=7))
+    net = randomise(timm.create_model(arch, num_classes=7))
     torch.save(net.state_dict(), tmp_path / "effnet.pth")
-    backbone, head, meta = convert_checkpoint(load_untrusted(tmp_path / "effnet.pth"),
-                                              "efficientnet_b0")
+    backbone, head, meta = convert_checkpoint(load_untrusted(tmp_path / "effnet.pth"), arch)
     assert meta["format"] == "torchvision" and meta["dropped"] == {"classifier.": 2}
-    assert meta["feature_dim"] == 1280
+    assert meta["feature_dim"] == width
     save_canonical(tmp_path / "t", backbone, head, meta)
     encoder, _ = load_canonical(tmp_path / "t.safetensors")
     x = torch.randn(2, 3, 64, 64)

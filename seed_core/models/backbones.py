@@ -32,7 +32,7 @@ def create_backbone(arch: str, small_images: bool = False) -> nn.Module:
         arch: a timm model name (`resnet18`, `efficientnet_b0`, ...) or `resnet50w2/w4/w5`.
         small_images: for 32-pixel data, a stride-1 stem: ResNets get a 3x3 stride-1 `conv1`
             and no max-pool (a deep 3x3 stem keeps its convs, its first one at stride 1);
-            EfficientNet / MobileNet get a stride-1 `conv_stem`.
+            EfficientNet / MobileNet get a stride-1 `conv_stem`, RegNet a stride-1 `stem.conv`.
 
     Returns:
         a module mapping `(B, 3, H, W)` to `(B, F)` with `F == .num_features`; it also carries
@@ -97,7 +97,10 @@ def _small_image_stem(model: nn.Module, arch: str) -> None:
         model.maxpool = nn.Identity()
     elif isinstance(getattr(model, "conv_stem", None), nn.Conv2d):
         model.conv_stem.stride = (1, 1)
+    elif isinstance(getattr(getattr(model, "stem", None), "conv", None), nn.Conv2d):
+        model.stem.conv.stride = (1, 1)  # RegNet's ConvNormAct stem: keep its weights
     else:
-        raise ValueError(f"small_images: no known stem (conv1 / conv_stem) in {arch!r}")
+        raise ValueError(f"small_images: no known stem (conv1 / conv_stem / stem.conv) in "
+                         f"{arch!r}")
 
 
