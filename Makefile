@@ -14,7 +14,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo reproduce test test-fast fashion-mnist bench clean
+.PHONY: install demo reproduce test test-fast fashion-mnist slurm bench clean
 
 install: $(STAMP)
 
@@ -44,6 +44,22 @@ fashion-mnist:
 	echo "directory and set data.source_dir in params.yaml (and FMNIST_DIR=... for make)."; \
 	exit 1
 
+# Debian's SLURM for tests/test_slurm.py, which starts its own cluster (munged, slurmctld, two
+# slurmd) under a scratch directory: no service is configured or started here. Without root or
+# apt the SLURM tests skip, or fail under CI=true.
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge
+slurm:
+	@missing=0; for f in /usr/sbin/slurmctld /usr/sbin/slurmd /usr/bin/sbatch /usr/sbin/munged; do \
+	  [ -x "$$f" ] || missing=1; done; \
+	if [ $$missing = 0 ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "Installing Debian's SLURM ($(SLURM_PACKAGES)) for the SLURM tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SLURM_PACKAGES) \
+	    && exit 0; \
+	fi; \
+	echo "SLURM is not installed: the SLURM tests (pytest -m slurm) need root and"; \
+	echo "  apt-get install $(SLURM_PACKAGES); they skip here, and fail when CI=true"
+
 demo: install fashion-mnist
 	time dvc repro
 	@echo; cat reports/summary.md
@@ -54,12 +70,12 @@ reproduce: install fashion-mnist
 	time dvc repro reproduce/dvc.yaml
 	@echo; cat reports/reproduce.md
 
-test: install fashion-mnist
+test: install fashion-mnist slurm
 	python -m pytest -q
 
-# the unit tests only (no end-to-end dvc repro, no fault injection into real processes)
+# the unit tests only (no end-to-end dvc repro, no fault injection into real processes, no SLURM)
 test-fast: install
-	python -m pytest -q -m "not e2e and not faults"
+	python -m pytest -q -m "not e2e and not faults and not slurm"
 
 # every benchmark prints one JSON object, kept in bench/results/ (written whole or not at all);
 # then the README's performance section is rendered from them. The linear and versions

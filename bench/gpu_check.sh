@@ -6,8 +6,11 @@
 #      batch 32, K 65,536) and at the default ones, with AMP (fp16 + GradScaler): img/s, peak
 #      GPU memory, overhead = full / (teacher + student + queue floor), speedup vs the released
 #      formulation;
-#   3. 20 steps of the real `distill` stage under `torchrun --nproc_per_node 1`, on synthetic
-#      shards made by stages/shards.py from a TSV written by seed_core.data.tsv.write_tsv;
+#   3. 30 steps of the real `distill` stage under `torchrun --nproc_per_node 1`, batch 128,
+#      224 px, 14 loader workers, on shards made by stages/shards.py from a TSV of ImageNet-like
+#      500x375 JPEGs cut from the photos that ship in scikit-learn and matplotlib
+#      (bench/bench_loader.py's `photo_jpegs`): its data_wait_fraction says whether the loader
+#      feeds the GPU;
 #   4. the kNN benchmark with a 1,281,167 x 128 bank and 50,000 queries (bench/bench_knn.py);
 #   5. a summary JSON (last line of the output; everything is also kept in --workdir).
 #
@@ -124,8 +127,8 @@ if [ "$DRY_RUN" = 1 ]; then
 else
   STEP_ARGS=(--cases imagenet default --warmup 3 --repeats 10)
   KNN_ARGS=()
-  TEACHER=resnet50 STUDENT=resnet18 SIDE=256 IMAGE=224 BATCH=32 STEPS=20 QUEUE=65536
-  WORKERS=$("$PYTHON" -c "import os; print(max(1, min(8, (os.cpu_count() or 2) - 2)))")
+  TEACHER=resnet50 STUDENT=resnet18 SIDE=0 IMAGE=224 BATCH=128 STEPS=30 QUEUE=65536
+  WORKERS=$("$PYTHON" -c "import os; print(max(1, min(14, (os.cpu_count() or 2) - 2)))")
 fi
 
 # ---------------------------------------------------------------- 2. the step
@@ -133,9 +136,10 @@ say "step benchmark"
 "$PYTHON" "$ROOT/bench/bench_step.py" "${STEP_ARGS[@]}" > "$WORK/step.json"
 
 # ---------------------------------------------------------------- 3. the distill stage
-say "synthetic data: $((BATCH * STEPS)) images of ${SIDE} px, a random $TEACHER teacher"
+say "data: $((BATCH * STEPS)) images ($([ "$SIDE" = 0 ] && echo "500x375 photo JPEGs" || \
+  echo "synthetic, ${SIDE} px")), a random $TEACHER teacher"
 "$PYTHON" - "$WORK" "$TEACHER" "$STUDENT" "$SIDE" "$IMAGE" "$BATCH" "$STEPS" "$QUEUE" \
-    "$WORKERS" <<'EOF'
+    "$WORKERS" "$ROOT" <<'EOF'
 import io
 import sys
 from pathlib import Path
@@ -151,12 +155,19 @@ from seed_core.teachers.canonical import save_encoder
 
 work = Path(sys.argv[1])
 teacher, student, side, image, batch, steps, queue, workers = (
-    sys.argv[2], sys.argv[3], *map(int, sys.argv[4:]))
+    sys.argv[2], sys.argv[3], *map(int, sys.argv[4:10]))
 rng = np.random.default_rng(0)
 
 
 def rows():
-    for i in range(batch * steps):
+    if side == 0:  # ImageNet-like photos (the GPU run)
+        sys.path.insert(0, str(Path(sys.argv[10]) / "bench"))
+        from bench_loader import photo_jpegs
+
+        for i, jpeg in enumerate(photo_jpegs(batch * steps)):
+            yield f"img_{i:06d}", i % 10, jpeg
+        return
+    for i in range(batch * steps):  # tiny synthetic JPEGs (--dry-run)
         coarse = rng.integers(0, 256, (max(2, side // 16),) * 2 + (3,), dtype=np.uint8)
         buffer = io.BytesIO()
         Image.fromarray(coarse).resize((side, side), Image.BILINEAR).save(buffer, "JPEG")
@@ -190,7 +201,9 @@ say "kNN benchmark"
 
 # ---------------------------------------------------------------- 5. summary
 say "done in $((SECONDS - started)) s; outputs in $WORK"
-"$PYTHON" - "$WORK" "$((SECONDS - started))" "$DRY_RUN" <<'EOF'
+"$PYTHON" - "$WORK" "$((SECONDS - started))" "$DRY_RUN" "$BATCH" "$WORKERS" \
+    "$([ "$SIDE" = 0 ] && echo "500x375 photo JPEGs, ${IMAGE} px views" || echo "synthetic")" \
+    <<'EOF'
 import json
 import sys
 from pathlib import Path
@@ -209,9 +222,11 @@ summary = {
                     "speedup_vs_reference": round(case["speedup_vs_reference"], 3),
                     "peak_gpu_mib": case["seconds"]["full_step"].get("peak_gpu_mib")}
              for name, case in cases.items()},
-    "distill": {key: distill.get(key) for key in ("steps_run", "images_per_s",
-                                                    "data_wait_fraction", "final_loss",
-                                                    "seconds")},
+    "distill": {**{key: distill.get(key) for key in ("steps_run", "images_per_s",
+                                                       "data_wait_fraction", "final_loss",
+                                                       "seconds")},
+                "batch": int(sys.argv[4]), "workers": int(sys.argv[5]),
+                "images": sys.argv[6]},
     "knn": {"seconds": knn["ours"]["seconds"], "peak_extra_mib": knn["ours"]["peak_extra_mib"],
             "memory_method": knn["ours"]["memory_method"],
             "bank": knn["bank"], "queries": knn["queries"],

@@ -160,12 +160,41 @@ def loader_section(loader: Mapping[str, Any]) -> list[str]:
     rows = [[f"{w} worker(s)", fmt(ours[w], 0), fmt(seed[w], 0),
              f"{ours[w] / seed[w]:.2f}", f"{ours[w] / loader['step_samples_per_s']:.2f}"]
             for w in ours]
-    return ([f"**Training loader** (`bench/bench_loader.py`: {loader['samples']:,} "
+    return (recipes_section(loader) + ([""] if loader.get("recipes_per_core") else [])
+            + [f"**Training loader** (`bench/bench_loader.py`: {loader['samples']:,} "
              f"{loader['image']}s in shards, crop {loader['crop']}, batch {loader['batch']}; the "
              f"SEED step at the default config consumes "
              f"{loader['step_samples_per_s']:,.0f} samples/s).", ""]
             + table(["", "ours samples/s", "SEED TSV loader samples/s", "ours / SEED's",
                      "ours / step"], rows))
+
+
+def recipes_section(loader: Mapping[str, Any]) -> list[str]:
+    """The per-core cost of each recipe's CPU view at 224 px (`recipes_per_core`)."""
+    recipes = loader.get("recipes_per_core")
+    if not recipes:
+        return []
+    rows = []
+    for name, row in recipes.items():
+        on_device = row.get("new_colour_on_device")
+        rows.append([f"{name} ({row['size']} px)",
+                     fmt(row["old"]["decode_ms"] + row["old"]["transform_ms"]),
+                     fmt(row["new"]["decode_ms"] + row["new"]["transform_ms"]),
+                     f"{row['speedup_with_decode']:.2f}×",
+                     f"{row['speedup_with_decode_colour_on_device']:.2f}×" if on_device else "–",
+                     fmt(row["new"]["cores_for_3000_img_per_s"], 1),
+                     fmt(row["new"]["cores_for_10000_img_per_s"], 1),
+                     fmt(on_device["cores_for_10000_img_per_s"], 1) if on_device else "–"])
+    return ([f"**Augmentation per core** (`bench/bench_loader.py`: one process, one thread, "
+             f"ms per sample of decode + the recipe's whole CPU view, on 500×375 JPEGs cut from "
+             f"real photos; 805c760's torchvision recipe on float tensors against today's; "
+             f"goal ≥ 3× per core). The columns with colour on the GPU time the CPU part that "
+             f"would remain (decode, crop, flip) if `seed_core.data.device_augment`'s batched "
+             f"colour and blur ran on the device: that module is tested against the CPU ops but "
+             f"not yet wired into the stages.", ""]
+            + table(["recipe", "805c760 ms", "now ms", "speed-up", "speed-up, colour and "
+                     "blur on the GPU", "cores per GPU at 3,000 img/s", "at 10,000 img/s",
+                     "at 10,000, colour on the GPU"], rows))
 
 
 def shards_section(shards: Mapping[str, Any]) -> list[str]:
@@ -212,10 +241,34 @@ def pipeline_section(metrics: Path) -> list[str]:
     return lines
 
 
+def gpu_section(gpu: Mapping[str, Any]) -> list[str]:
+    """`bench/gpu_check.sh`'s summary JSON, from a run on a GPU machine."""
+    rows = [[name, fmt(case["images_per_s"], 0), fmt(case["reference_images_per_s"], 0),
+             f"{case['overhead']:.3f}", f"{case['speedup_vs_reference']:.3f}",
+             fmt(case["peak_gpu_mib"], 0)]
+            for name, case in gpu["step"].items()]
+    distill, knn = gpu["distill"], gpu["knn"]
+    pace = ("the loader, not the GPU, sets the pace" if distill["data_wait_fraction"] > DATA_WAIT_GOAL
+            else "the loader keeps up")
+    return ([f"**On a GPU** (`bench/gpu_check.sh`, {gpu['machine']}, torch {gpu['torch']}, "
+             f"fp16 AMP; one run, {gpu['seconds']} s in all): the SEED step at ImageNet shapes "
+             f"(R-50 → R-18, 224 px, batch 32, K 65,536) and at the default ones.", ""]
+            + table(["case", "img/s", "released formulation img/s", "overhead",
+                     "speed-up", "peak GPU MiB"], rows)
+            + ["", f"The real `distill` stage under torchrun (NCCL), {distill['steps_run']} steps "
+                   f"of batch {distill.get('batch', '?')} from {distill.get('images', '?')} with "
+                   f"{distill.get('workers', '?')} loader workers: {fmt(distill['images_per_s'], 0)}"
+                   f" img/s, data wait {100 * distill['data_wait_fraction']:.1f}% of the step "
+                   f"time ({pace}; 30 steps include the workers' start). kNN with a "
+                   f"{knn['bank']:,} × 128 bank and {knn['queries']:,} queries: {knn['seconds']} "
+                   f"s, {fmt(knn['peak_extra_mib'], 0)} MiB of GPU memory, exact-neighbour "
+                   f"recall {knn['recall_vs_exact']}."])
+
+
 SECTIONS: list[tuple[str, Callable[[Mapping[str, Any]], list[str]]]] = [
     ("versions", versions_section), ("step", step_section), ("levers", levers_section),
     ("loader", loader_section), ("knn", knn_section), ("linear", linear_section),
-    ("shards", shards_section)]
+    ("shards", shards_section), ("gpu_check", gpu_section)]
 
 
 def render(results: Path = RESULTS, metrics: Path = ROOT / "metrics") -> str:

@@ -119,6 +119,9 @@ class PretrainConfig:
     key_momentum: float = 0.99
     embed_dim: int = 128
     hidden_dim: int = 0  # MLP hidden width; 0 = the backbone's feature width (MoCo-v2)
+    # MoCo's shuffling BN: the key encoder normalises groups of this many keys of the shuffled
+    # global batch (MoCo: 32 keys per GPU); 0 = the key batch at once, unshuffled (leaks)
+    shuffle_bn_group: int = 32
     nproc: int = 1
     precision: Precision = "auto"  # auto: fp16 AMP on CUDA, fp32 on CPU
     # steps between resumable checkpoints; 0 = once per epoch
@@ -145,6 +148,13 @@ class PretrainConfig:
         _check(self.temperature > 0, "pretrain.temperature", "must be > 0", self.temperature)
         shortest = min(self.epochs, self.teacher_epochs)
         _check_optimizer("pretrain", self, shortest)
+        _check(self.shuffle_bn_group >= 0, "pretrain.shuffle_bn_group",
+               "must be >= 0 (0 = no shuffling BN)", self.shuffle_bn_group)
+        per_rank = self.batch_size // self.nproc
+        _check(self.shuffle_bn_group == 0 or per_rank % self.shuffle_bn_group == 0,
+               "pretrain.shuffle_bn_group", f"must divide the {per_rank} keys of each of the "
+               f"pretrain.nproc={self.nproc} processes (pretrain.batch_size / nproc)",
+               self.shuffle_bn_group)
         _check(self.embed_dim >= 1, "pretrain.embed_dim", "must be >= 1", self.embed_dim)
         _check(self.hidden_dim >= 0, "pretrain.hidden_dim", "must be >= 0 (0 = feature width)",
                self.hidden_dim)
@@ -160,6 +170,9 @@ class DistillConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0  # paper: 5 of 200
+    # warmup_cosine: per-step linear warm-up, then a cosine to 0; seed: SEED's released code
+    # (constant for the warm-up epochs, then a per-epoch cosine; seed_core/train/schedule.py)
+    lr_schedule: Literal["warmup_cosine", "seed"] = "warmup_cosine"
     # paper: 65,536 on ImageNet; on small data K must stay a fraction of the training set
     queue_size: int = 4096  # contract key
     t_student: float = 0.2  # contract key; paper --temp
@@ -269,6 +282,45 @@ class ReproduceConfig:
 
 
 @dataclass(frozen=True)
+class LaunchConfig:
+    """Where the torchrun stages (pretrain@*, distill) run (`seed_core.cluster`): on this machine,
+    or as one SLURM job of `nodes` x `<stage>.nproc` ranks. Read at run time, never a DVC param:
+    no setting here changes a result, so switching re-runs nothing."""
+
+    backend: Literal["local", "slurm"] = "local"  # contract key
+    nodes: int = 1  # contract key: SLURM nodes of the job (local: 1)
+    # the sbatch options of the same names; "" / 0 = the cluster's default
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    time: str = ""  # time limit, e.g. "2-00:00:00"; the job requeues itself before it
+    gpus_per_task: int = 0  # one GPU per rank on GPU clusters
+    cpus_per_task: int = 0  # CPU cores per rank (data loader workers + 1)
+    mem: str = ""  # memory per node, e.g. "64G"
+    constraint: str = ""
+    sbatch_args: list[str] = field(default_factory=list)  # any other options, e.g. --exclusive
+    # SIGUSR1 this long before the time limit: the job requeues itself (SLURM may send it up to
+    # a minute early: its timer ticks every 30 s)
+    signal_delay_s: int = 120
+    log_dir: str = "logs/slurm"  # job logs and batch scripts; on the shared filesystem
+
+    def __post_init__(self) -> None:
+        _check(self.nodes >= 1, "launch.nodes", "must be >= 1", self.nodes)
+        _check(self.nodes == 1 or self.backend == "slurm", "launch.nodes",
+               "> 1 needs launch.backend: slurm (locally, torchrun runs on this machine only)",
+               self.nodes)
+        _check(self.gpus_per_task >= 0, "launch.gpus_per_task", "must be >= 0 (0 = none)",
+               self.gpus_per_task)
+        _check(self.cpus_per_task >= 0, "launch.cpus_per_task", "must be >= 0 (0 = default)",
+               self.cpus_per_task)
+        _check(self.signal_delay_s >= 1, "launch.signal_delay_s", "must be >= 1",
+               self.signal_delay_s)
+        _check(all(a.startswith("-") for a in self.sbatch_args), "launch.sbatch_args",
+               "must be sbatch options, e.g. ['--exclusive']", self.sbatch_args)
+        _check(bool(self.log_dir), "launch.log_dir", "must name a directory")
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataConfig
     teacher: TeacherConfig
@@ -280,6 +332,7 @@ class Params:
     linear: LinearConfig
     mlflow: MlflowConfig
     reproduce: ReproduceConfig
+    launch: LaunchConfig
 
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Params)}
@@ -393,6 +446,11 @@ def _check_cross_section(p: Params) -> None:
                f"must be smaller than data.image_size={p.data.image_size} (0 = automatic)",
                p.distill.small_size)
     check_image_size(p)
+    if p.launch.nodes > 1:  # every rank of every node takes an equal share of the global batch
+        for name, cfg in (("pretrain", p.pretrain), ("distill", p.distill)):
+            ranks = p.launch.nodes * cfg.nproc
+            _check(cfg.batch_size % ranks == 0, f"{name}.batch_size",
+                   f"must be divisible by launch.nodes x {name}.nproc = {ranks}", cfg.batch_size)
 
 
 def key_lines(text: str) -> dict[str, int]:

@@ -47,7 +47,7 @@ def stage(name: str, params_path: str | os.PathLike = "params.yaml",
     setup_logging()
     with user_errors(name):
         params = load_params(params_path, overrides)
-        runtime = distributed.setup()
+        runtime = distributed.setup(loader_workers=params.data.workers)
         try:
             with tracked(name, params, runtime.is_main) as tracker:
                 yield StageContext(params, runtime, tracker)

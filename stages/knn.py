@@ -26,7 +26,7 @@ from seed_core.evaluation.features import feature_num_classes, load_feature_spli
 from seed_core.evaluation.knn import knn_neighbors, knn_vote
 from seed_core.evaluation.metrics import nan_to_none, per_class_accuracy, topk_accuracy
 from seed_core.evaluation.predictions import save_predictions
-from seed_core.evaluation.selection import grid_key, knn_grid, select_knn
+from seed_core.evaluation.selection import SELECT_ALPHA, grid_key, knn_grid, select_knn
 from seed_core.evaluation.splits import holdout_split
 from seed_core.launch import stage
 from seed_core.stagekit import add_params_arguments
@@ -64,8 +64,11 @@ def evaluate(features_dir: str, name: str, params: Params, device: torch.device,
                         (cfg.k, cfg.temperature), num_classes)
     k, t = chosen.k, chosen.temperature
     log.info("%s holdout (%d queries, bank %d): k=%d, T=%g chosen (top-1 %.2f%%; configured "
-             "k=%d, T=%g: %.2f%%)", name, hold.numel(), fit.numel(), k, t, chosen.top1, cfg.k,
-             cfg.temperature, chosen.grid_top1[(cfg.k, cfg.temperature)])
+             "k=%d, T=%g: %.2f%%; grid best k=%d, T=%g: %.2f%%, one-sided McNemar p vs "
+             "configured %s)", name, hold.numel(), fit.numel(), k, t, chosen.top1, cfg.k,
+             cfg.temperature, chosen.grid_top1[(cfg.k, cfg.temperature)], *chosen.best,
+             chosen.grid_top1[chosen.best],
+             "-" if chosen.p_value is None else f"{chosen.p_value:.3g}")
     for what, edge in (("k", chosen.k_edge), ("T", chosen.temperature_edge)):
         if edge:
             log.warning("%s: the chosen %s is the %s of its grid; the optimum may lie beyond it",
@@ -91,6 +94,9 @@ def evaluate(features_dir: str, name: str, params: Params, device: torch.device,
             "holdout": {**holdout, "samples": int(hold.numel()), "bank": int(fit.numel()),
                         "grid_k": ks, "grid_temperature": temperatures,
                         "k_edge": chosen.k_edge, "temperature_edge": chosen.temperature_edge,
+                        "best": grid_key(*chosen.best), "best_p_value": chosen.p_value,
+                        "rule": f"the configured (k, T) unless the best beats it by a one-sided "
+                                f"McNemar test on the holdout, p < {SELECT_ALPHA:g}",
                         "sweep_top1": sweep,
                         "grid_top1": {grid_key(kk, tt): v
                                       for (kk, tt), v in chosen.grid_top1.items()}},

@@ -24,7 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from seed_core import distributed
-from seed_core.config import Params
+from seed_core.config import ConfigError, Params
+from seed_core.data.order import stream_seed
 from seed_core.data.shardset import open_shards
 from seed_core.data.transforms import MultiView, moco_v2_transform
 from seed_core.io import atomic_dir, write_json
@@ -36,7 +37,7 @@ from seed_core.stagekit import add_params_arguments, run_times
 from seed_core.train.curves import StepLog
 from seed_core.train.moco import moco_step
 from seed_core.train.run import (CURVE_COLUMNS, TrainingRun, checkpoint_store, per_rank_batch,
-                                 place, timed)
+                                 place, place_module, timed)
 from seed_core.train.schedule import schedule_for
 
 log = logging.getLogger("pretrain")
@@ -78,14 +79,22 @@ def pretrain(args: argparse.Namespace, params: Params, rt: distributed.Runtime,
              tracker) -> dict:
     cfg, data = params.pretrain, params.data
     arch, small_images, epochs = role_arch(params, args.target)
-    per_rank_batch(cfg.batch_size, rt.world_size, "pretrain.batch_size")
+    keys_per_rank = per_rank_batch(cfg.batch_size, rt.world_size, "pretrain.batch_size")
+    if cfg.shuffle_bn_group and keys_per_rank % cfg.shuffle_bn_group:
+        raise ConfigError(f"params: 'pretrain.shuffle_bn_group' = {cfg.shuffle_bn_group} does "
+                          f"not divide the {keys_per_rank} keys of each of the {rt.world_size} "
+                          f"processes of this launch (WORLD_SIZE); choose a divisor",
+                          "pretrain.shuffle_bn_group")
     shards = open_shards(args.shards)
     schedule = schedule_for(cfg, epochs, shards)
 
     torch.manual_seed(cfg.seed)  # same initial weights and queue on every rank
-    query, model = place(build_encoder(arch, small_images, cfg.embed_dim,
-                                       hidden_dim=cfg.hidden_dim), rt)
-    key = copy.deepcopy(query).requires_grad_(False)
+    encoder = build_encoder(arch, small_images, cfg.embed_dim, hidden_dim=cfg.hidden_dim)
+    # copied before the query's BatchNorms span the ranks: with shuffling BN, the key encoder
+    # normalises each group of the shuffled batch on its own (seed_core.train.moco)
+    key = place_module(copy.deepcopy(encoder).requires_grad_(False), rt,
+                       sync_bn=cfg.shuffle_bn_group == 0)
+    query, model = place(encoder, rt)
     queue = EmbeddingQueue(cfg.queue_size, cfg.embed_dim, rt.device)
     queue.fill_random(torch.Generator().manual_seed(cfg.seed))
     config = {"stage": "pretrain", "role": args.target, "arch": arch, "epochs": epochs,
@@ -109,7 +118,11 @@ def pretrain(args: argparse.Namespace, params: Params, rt: distributed.Runtime,
                          scaler=run.scaler, gather=distributed.gather_cat,
                          amp=lambda: autocast(rt.device, cfg.precision, query),
                          where=f"pretrain {args.target} epoch {position.epoch} "
-                               f"step {position.step}")
+                               f"step {position.step}",
+                         shuffle_bn_group=cfg.shuffle_bn_group,
+                         shuffle_seed=stream_seed("shuffle bn", cfg.seed, position.epoch,
+                                                  position.step),
+                         rank=rt.rank, world_size=rt.world_size)
 
     ran, seconds = timed(lambda: run.fit(
         shards=shards, transform=MultiView([moco_v2_transform(data.image_size)] * 2),

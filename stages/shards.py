@@ -8,6 +8,8 @@ Samples are written in a seeded global permutation of the TSV (`--seed`, default
 cut from a class-sorted TSV mix the classes; `--keep-order` keeps the TSV's line order. Bad
 records are skipped and listed in DIR/manifest.json; more than `--max-bad-fraction` of them (or,
 with --strict, any) stop the conversion (exit 1, "file:line: reason") and DIR is left untouched.
+DIR holds the shards, one consolidated sample index (`index.bin`) and `manifest.json`, which
+records each file's bytes and sha256 so that remote readers verify their downloads.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import torch
 from conftest import png_bytes
 from seed_core.data import eval_loader, open_shards, steps_per_epoch, train_loader
 from seed_core.data.convert import convert_tsv_to_shards
+from seed_core.data.loader import training_batches
 from seed_core.data.order import EpochPlan, epoch_order
 from seed_core.data.plan import epoch_plan, mixing
 from seed_core.data.transforms import MultiView, eval_transform, moco_v2_transform
@@ -130,7 +131,8 @@ def test_class_mixing_is_close_to_uniform_sampling(sorted_shards) -> None:
 
 
 def test_shards_of_a_class_sorted_tsv_are_class_mixed(sorted_shards, tmp_path) -> None:
-    """Block reads of large data see shard order; the converter's global shuffle mixes it."""
+    """The converter shuffles globally unless told to keep the TSV's order (the epoch order
+    mixes classes either way: tests/test_data_scale.py)."""
     shards = open_shards(sorted_shards)
     per_shard = np.split(shards.index.labels, np.cumsum(shards.counts)[:-1])
     assert all(len(set(labels.tolist())) >= 3 for labels in per_shard)
@@ -187,6 +189,25 @@ def test_the_loader_follows_the_plan(sorted_shards, world_size, workers) -> None
     assert len(batches) == plan["steps"] - 3 == 7
 
 
+def test_the_plan_names_the_worker_of_later_epochs(sorted_shards) -> None:
+    """One loader spans a run's epochs and hands batches to its workers in turn, so the worker
+    of a step depends on where the loader started, not on the step alone."""
+    shards = open_shards(sorted_shards)
+    loader = training_batches(shards, eval_transform(8), GLOBAL_BATCH, seed=SEED, rank=0,
+                              world_size=1, start=(0, 7), stop=(2, 4), workers=2)
+    seen = [(batch["key"], batch["worker"]) for batch in loader]
+    planned = []
+    for epoch, first in [(0, 7), (1, 0), (2, 0)]:
+        plan = epoch_plan(shards, GLOBAL_BATCH, 1, 2, epoch=epoch, seed=SEED,
+                          start_step=first, loader_start=(0, 7))
+        planned += [(b["keys"], b["worker"]) for b in plan["batches"]]
+    assert seen == planned[:len(seen)] and len(seen) == 3 + 10 + 4
+    # the loader's 4th batch (epoch 1, step 0) comes from worker 1, its 5th from worker 0 ...
+    assert [w for _, w in seen[3:5]] == [1, 0]
+    # ... where a worker counted from the epoch's first step (the old column) says 0, 1
+    assert [step % 2 for step in range(2)] != [w for _, w in seen[3:5]]
+
+
 def test_plan_command_prints_json_and_text(sorted_shards) -> None:
     def run(*extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "seed_core.data", "plan", "--shards",
@@ -204,6 +225,9 @@ def test_plan_command_prints_json_and_text(sorted_shards) -> None:
     text = run()
     assert "global batch 12 = 3 rank(s) x 4, 10 steps" in text.stdout
     assert "step     9 rank   2 (worker 1): classes" in text.stdout
+    resumed = json.loads(run("--json", "--loader-start", "0:3").stdout)
+    assert [b["worker"] for b in resumed["batches"][:6:3]] == [(10 - 3) % 2, (11 - 3) % 2]
+    assert "taking batches in turn from the loader's start 0:0" in text.stdout
     bad = run("--world-size", "5")
     assert bad.returncode == 2 and "not divisible by the world size 5" in bad.stderr
 
@@ -226,13 +250,18 @@ def test_a_corrupt_sample_is_replaced_and_counted(sorted_shards, tmp_path) -> No
     broken.mkdir()
     for item in sorted_shards.iterdir():
         (broken / item.name).write_bytes(item.read_bytes())
-    victim = corrupt_one_image(broken)
+    order = epoch_order(125, SEED, 0)
+    victim = corrupt_one_image(broken, int(order[7]))  # a sample that epoch 0 reads
     batches = epoch_batches(broken, world_size=1, workers=2)
     flat = [part for step in batches for part in step]
     bad = [m for part in flat for m in part["bad"]]
     assert len(bad) == 1 and bad[0].startswith(f"{victim}: not a decodable image")
     assert all(len(part["key"]) == GLOBAL_BATCH for part in flat)  # sizes kept
-    assert victim not in {k for part in flat for k in part["key"]}
+    keys = [k for part in flat for k in part["key"]]
+    assert victim not in keys and len(set(keys)) == len(keys) == 120
+    # its replacement is a sample of the epoch's left-out remainder
+    index = open_shards(broken).index
+    assert keys[7] in {index.key(int(i)) for i in order[120:]}
     evaluated = eval_loader(open_shards(broken), eval_transform(8), 16, workers=2)
     index = torch.cat([b["index"] for b in evaluated])
     assert index.numel() == 124 and len(evaluated.bad) == 1 and victim in evaluated.bad[0]

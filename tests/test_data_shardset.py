@@ -1,5 +1,6 @@
-"""Shard sets: manifest checks, the sample index (sidecar or scanned), unsafe tar members, and
-shards read from URLs (a real http.server on 127.0.0.1, `pipe:` commands, fsspec)."""
+"""Shard sets: manifest checks, the sample index (consolidated, old sidecars, or scanned), unsafe
+tar members, and shards read from URLs (a real http.server on 127.0.0.1, `pipe:` commands,
+fsspec). Faults of the network are in test_remote_shards.py."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import pytest
 from conftest import free_port, png_bytes
 from seed_core.data import open_shards, train_loader
 from seed_core.data.convert import convert_tsv_to_shards
-from seed_core.data.shardset import (MAX_MEMBER_BYTES, SampleReader, SampleReadError, ShardError,
-                                     scan_shard)
+from seed_core.data.shardset import (INDEX_NAME, INDEX_SUFFIX, MAX_MEMBER_BYTES, SampleReader,
+                                     SampleReadError, ShardError, scan_shard)
 from seed_core.data.transforms import eval_transform
 from seed_core.data.tsv import write_tsv
 
@@ -43,25 +44,64 @@ def copy_dir(source: Path, target: Path) -> Path:
     return target
 
 
-def test_sidecar_index_equals_a_scan_of_the_tar(converted) -> None:
+def test_consolidated_index_equals_a_scan_of_the_tars(converted) -> None:
+    manifest = json.loads((converted / "manifest.json").read_text())
+    assert manifest["index"]["name"] == INDEX_NAME and not list(converted.glob("*" + INDEX_SUFFIX))
     shards = open_shards(converted)
     for i, name in enumerate(shards.names):
-        sidecar = shards.shard_index(i)
+        consolidated = shards.shard_index(i)
         scanned = scan_shard(converted / name)
-        assert sidecar.keys == scanned.keys
+        assert consolidated.keys == scanned.keys
         for column in ("labels", "offsets", "sizes"):
-            assert np.array_equal(getattr(sidecar, column), getattr(scanned, column))
+            assert np.array_equal(getattr(consolidated, column), getattr(scanned, column))
+    index = shards.index
+    # memory-mapped: the arrays are views of the file's pages, not copies
+    assert all(isinstance(getattr(index, c), np.memmap)
+               for c in ("shard", "offsets", "sizes", "labels", "keys"))
+    assert index.shard.tolist() == [0] * 10 + [1] * 10 + [2] * 3
+    assert index.key(0) == scan_shard(converted / shards.names[0]).keys[0]
     reader = SampleReader(shards)
     assert reader.read(4)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_shards_without_sidecars_are_scanned(converted, tmp_path) -> None:
-    plain = copy_dir(converted, tmp_path / "plain")
-    manifest = json.loads((plain / "manifest.json").read_text())
+def old_layout(converted: Path, root: Path, sidecars: bool) -> Path:
+    """A copy of `converted` as older converters wrote it: no index.bin and no sizes or
+    hashes in the manifest; one `.idx.json` sidecar per shard, or none."""
+    old = copy_dir(converted, root)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / manifest.pop("index")["name"]).unlink()
     for shard in manifest["shards"]:
-        (plain / shard.pop("index")).unlink()
-    (plain / "manifest.json").write_text(json.dumps(manifest))
-    assert open_shards(plain).index.keys.tolist() == open_shards(converted).index.keys.tolist()
+        del shard["bytes"], shard["sha256"]
+        if sidecars:
+            scanned = scan_shard(old / shard["name"])
+            shard["index"] = shard["name"] + INDEX_SUFFIX
+            (old / shard["index"]).write_text(json.dumps(scanned.to_json(["png"] * len(
+                scanned.keys))))
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    return old
+
+
+@pytest.mark.parametrize("sidecars", [True, False], ids=["sidecars", "scanned"])
+def test_old_layouts_still_open(converted, tmp_path, sidecars) -> None:
+    old = open_shards(old_layout(converted, tmp_path / "old", sidecars))
+    new = open_shards(converted)
+    for column in ("shard", "offsets", "sizes", "labels", "keys"):
+        assert getattr(old.index, column).tolist() == getattr(new.index, column).tolist()
+    assert SampleReader(old).read(7) == SampleReader(new).read(7)
+
+
+def test_a_consolidated_index_that_disagrees_is_refused(converted, tmp_path) -> None:
+    root = copy_dir(converted, tmp_path / "s")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["shards"][0]["samples"] -= 1
+    manifest["shards"][1]["samples"] += 1
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match="shard-000000.tar: holds 10 samples in .*index.bin, "
+                                         "the manifest says 9"):
+        open_shards(root).index
+    (root / INDEX_NAME).write_bytes((converted / INDEX_NAME).read_bytes()[:-100])
+    with pytest.raises(ShardError, match="index.bin: column .* outside the file"):
+        open_shards(root).index
 
 
 @pytest.mark.parametrize("change, message", [
@@ -185,6 +225,8 @@ def test_training_from_shards_served_over_http(http_shards, converted, tmp_path)
 
 def test_a_dead_server_is_a_clear_error(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("SEED_SHARD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SEED_FETCH_RETRIES", "1")
+    monkeypatch.setenv("SEED_FETCH_BACKOFF_S", "0.01")
     with pytest.raises(ShardError, match=r"http://127.0.0.1:\d+/manifest.json: cannot read it"):
         open_shards(f"http://127.0.0.1:{free_port()}/")
 

@@ -43,10 +43,13 @@ def run_steps(kind: str, rank: int, world: int) -> dict:
     rt = distributed.Runtime(rank, world, rank, device)
     per_rank = GLOBAL_BATCH // world
     student = encoder(0)
+    # with shuffling BN the key encoder is copied before the conversion: its BatchNorms stay
+    # local to each group of shuffled keys
+    key = copy.deepcopy(student).requires_grad_(False)
     if world > 1:
         student = distributed.convert_sync_batchnorm(student, device)
-    frozen = copy.deepcopy(student).requires_grad_(False) if kind == "moco" else \
-        encoder(1).eval().requires_grad_(False)
+    frozen = {"moco": copy.deepcopy(student).requires_grad_(False), "moco_shuffle_bn": key,
+              "seed": encoder(1).eval().requires_grad_(False)}[kind]
     model = distributed.wrap_ddp(student, rt)
     queue = EmbeddingQueue(12, 16)  # 12 is not a multiple of the batch: wrap-around included
     queue.fill_random(torch.Generator().manual_seed(5))
@@ -61,8 +64,10 @@ def run_steps(kind: str, rank: int, world: int) -> dict:
                             **common)
         else:
             flipped = torch.flip(mine, dims=[3])
+            shuffle = dict(shuffle_bn_group=4, shuffle_seed=step, rank=rank, world_size=world) \
+                if kind == "moco_shuffle_bn" else {}
             out = moco_step(model, frozen, queue, [mine, flipped], temperature=0.2,
-                            key_momentum=0.9, **common)
+                            key_momentum=0.9, **shuffle, **common)
         loss = torch.tensor([out["loss"]])
         if world > 1:
             dist.all_reduce(loss)
@@ -82,7 +87,7 @@ def _worker(rank: int, world: int, port: int, kind: str, out: str) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("kind", ["seed", "moco"])
+@pytest.mark.parametrize("kind", ["seed", "moco", "moco_shuffle_bn"])
 def test_two_gloo_ranks_equal_one_process(tmp_path: Path, kind: str) -> None:
     single = run_steps(kind, 0, 1)
     out = tmp_path / "two.pt"
@@ -97,6 +102,37 @@ def test_two_gloo_ranks_equal_one_process(tmp_path: Path, kind: str) -> None:
                                    msg=name)
     # and the steps did train: the weights moved
     assert single["losses"][0] != single["losses"][-1]
+
+
+def test_shuffled_keys_normalise_each_group_of_the_shuffled_batch() -> None:
+    """Against a naive reference: permute the global batch, forward each group of `group`
+    samples alone, put the keys back; each rank returns its own samples' keys."""
+    from seed_core.train.moco import shuffled_keys
+
+    torch.manual_seed(0)
+    key_encoder = encoder(0).train()
+    images = torch.randn(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(42))
+    with torch.no_grad():
+        expected = torch.empty(8, 16)
+        for part in order.split(4):
+            expected[part] = copy.deepcopy(key_encoder)(images[part])
+        keys = shuffled_keys(copy.deepcopy(key_encoder), images, group=4, shuffle_seed=42,
+                             gather=lambda x: x)
+        torch.testing.assert_close(keys, expected)
+        # without the shuffle, the batch is normalised at once: other keys, the control
+        plain = shuffled_keys(copy.deepcopy(key_encoder), images, group=0, shuffle_seed=42,
+                              gather=lambda x: x)
+        assert (plain - expected).abs().max() > 1e-2
+        # rank 1 of 2 sees the gathered batch and returns the keys of its own half
+        halves = [images[:4], images[4:]]
+        rank1 = shuffled_keys(copy.deepcopy(key_encoder), halves[1], group=4, shuffle_seed=42,
+                              gather=lambda x: torch.cat([halves[0], x] if x.shape[1] == 3
+                                                         else [expected[order[:4]], x]),
+                              rank=1, world_size=2)
+        torch.testing.assert_close(rank1, expected[4:])
+    with pytest.raises(ValueError, match="do not split into groups of 3"):
+        shuffled_keys(key_encoder, images, group=3, shuffle_seed=0, gather=lambda x: x)
 
 
 def test_nan_loss_stops_with_a_clear_error() -> None:
@@ -176,6 +212,32 @@ def test_cosine_schedule_with_warmup() -> None:
     assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5)
     assert f(99) == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
     assert scaled_lr(0.03, 512) == pytest.approx(0.06)
+
+
+def test_compute_threads_leave_the_loader_workers_their_cores() -> None:
+    assert distributed.compute_threads(2, 1, 1) == 1  # this machine, data.workers 1
+    assert distributed.compute_threads(2, 1, 0) == 2  # the main process loads between steps
+    assert distributed.compute_threads(16, 1, 14) == 2  # one GPU rank, 14 workers
+    assert distributed.compute_threads(16, 8, 1) == 1
+    assert distributed.compute_threads(2, 2, 1) == 1  # never fewer than one
+
+
+def test_seeds_released_schedule() -> None:
+    """SEED's `adjust_learning_rate` (lr_mult 1): the base rate for the warm-up epochs, then a
+    cosine of the epoch over all epochs, constant within an epoch."""
+    from seed_core.train.schedule import Schedule
+
+    def released(epoch: int, epochs: int = 10, warmup: int = 2) -> float:
+        return 1.0 if epoch < warmup else 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+
+    schedule = Schedule(epochs=10, steps_per_epoch=7, global_batch=256, base_lr=0.03,
+                        momentum=0.9, weight_decay=1e-4, warmup_epochs=2, kind="seed")
+    f = schedule.multiplier()
+    assert [f(step) for step in range(70)] == [released(step // 7) for step in range(70)]
+    assert f(13) == 1.0 and f(14) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
+    # this project's default differs: per step, from ~0, down to ~0 at the end
+    ours = Schedule(10, 7, 256, 0.03, 0.9, 1e-4, 2).multiplier()
+    assert ours(0) == pytest.approx(1 / 14) and ours(69) < 0.001 < released(9)
 
 
 def test_merge_by_index_orders_and_rejects_duplicates() -> None:

@@ -114,7 +114,7 @@ def test_reading_paragraph_expected_order():
     assert "Distillation helped" in text and "+5.10 points linear" in text
     assert "significantly on both kNN and linear top-1" in text
     assert "Teacher > SEED > baseline holds on both kNN and linear top-1" in text
-    assert "SEED − baseline +5.10 kNN [+4.60, +5.60], p = 1e-06" in text
+    assert "SEED − baseline +5.10 kNN [+4.60, +5.60], p = 1.0e-06" in text
     assert "Settings most likely" not in text
 
 
@@ -210,7 +210,7 @@ def test_render_summary_md_states_what_was_chosen_on_the_holdout():
     assert "scored once per model with the chosen values" in md
     assert ("| SEED | k=10, T=0.07 (k lowest of its grid) | 51.00 | k=20, T=0.07: 50.50 | "
             "0.1 (lowest of the grid) | 61.00 | 91.00 |") in md
-    assert "| kNN | SEED − baseline | +2.00 | [+1.50, +2.50] | 120 / 100 | 1e-06 | yes |" in md
+    assert "| kNN | SEED − baseline | +2.00 | [+1.50, +2.50] | 120 / 100 | 1.0e-06 | yes |" in md
     assert "| linear | teacher − SEED | +1.00 | [+0.50, +1.50] | 120 / 100 | 0.001 | yes |" in md
     assert "Pipeline compute time: 90 s (1.5 min)" in md
     assert "## Reading the numbers" in md and "![curves](../plots/c.png)" in md
@@ -248,10 +248,19 @@ def test_paired_metrics_and_seeds_table():
                                 "linear_top1": [comparison(16.0, SIG), comparison(16.0, 0.2),
                                                 comparison(18.0, SIG)]}}}}
     table = seeds_table(check_reproduce(reproduce, "r.json")).splitlines()
+    # per-seed recoveries 65%, 70%, 75%: mean 70%, 95% t-interval 70 +- 4.303 * 5 / sqrt(3)
     assert table[2] == ("| mobilenetv3_small_050 | kNN | 73.00 / 74.00 / 75.00 | 74.00 ± 1.00 | "
-                        "60.00 / 60.00 / 60.00 | 60.00 ± 0.00 | +14.00 | 70% | max p 1e-06 "
-                        "(3/3 seeds significant) |")
-    assert table[3].endswith("| +16.00 | 67% | max p 0.2 (2/3 seeds significant) |")
+                        "60.00 / 60.00 / 60.00 | 60.00 ± 0.00 | +14.00 | 70% [58, 82] | "
+                        "3 better (max p 1.0e-06), 0 worse, 0 not significant, of 3 seeds |")
+    assert table[3].endswith("| +16.00 | 67% [53, 80] | 2 better (max p 1.0e-06), 0 worse, "
+                             "1 not significant, of 3 seeds |")
+    # a significant reversal is counted as one, never folded into "not significant"
+    reversed_ = json.loads(json.dumps(reproduce))
+    reversed_["students"]["mobilenetv3_small_050"]["paired"]["knn_top1"][2] = \
+        comparison(-0.67, 0.039)
+    row = seeds_table(check_reproduce(reversed_, "r.json")).splitlines()[2]
+    assert row.endswith("| 2 better (max p 1.0e-06), 1 worse (p 0.039), 0 not significant, "
+                        "of 3 seeds |")
     # a baseline within a point of the teacher: no share of a gap that is not there
     close = json.loads(json.dumps(reproduce))
     close["students"]["mobilenetv3_small_050"]["baseline"]["knn_top1"] = [79.5, 79.6, 79.7]

@@ -34,8 +34,11 @@ def test_select_knn_equals_a_naive_grid_search():
     want = naive_grid(x[fit], y[fit], x[hold], y[hold], ks, ts, 4)
     assert chosen.grid_top1 == pytest.approx(want, abs=1e-9)
     best = max(want.values())
-    assert chosen.top1 == pytest.approx(best)
-    assert want[(chosen.k, chosen.temperature)] == pytest.approx(best)
+    assert want[chosen.best] == pytest.approx(best)
+    assert chosen.top1 == pytest.approx(want[(chosen.k, chosen.temperature)])
+    # the configured pair stays unless the best one beats it significantly
+    if chosen.best != (10, 0.07):
+        assert chosen.is_configured == (chosen.p_value >= 0.05)
     # the grid is not flat here, so the choice is informative
     assert min(want.values()) < best
 
@@ -48,13 +51,14 @@ def test_ties_go_to_the_configured_pair_then_to_grid_order():
                         4)
     assert set(chosen.grid_top1.values()) == {100.0}
     assert (chosen.k, chosen.temperature) == (20, 0.07) and chosen.is_configured
-    # a strictly better pair beats the configured one
-    x, y = overlapping_clusters(seed=3)
+    # a significantly better pair beats the configured one (400 holdout images)
+    x, y = overlapping_clusters(n=1600, seed=3)
     fit, hold = holdout_split(y, 0.25, seed=0)
     grid = naive_grid(x[fit], y[fit], x[hold], y[hold], [1, 30], [0.07], 4)
     assert grid[(30, 0.07)] > grid[(1, 0.07)]
     chosen = select_knn(x[fit], y[fit], x[hold], y[hold], [1, 30], [0.07], (1, 0.07), 4)
     assert chosen.k == 30 and not chosen.is_configured and chosen.k_edge == "highest"
+    assert chosen.best == (30, 0.07) and chosen.p_value < 0.05
 
 
 def test_tie_without_the_configured_pair_takes_the_first_in_grid_order():
@@ -66,8 +70,30 @@ def test_tie_without_the_configured_pair_takes_the_first_in_grid_order():
     chosen = select_knn(bank, labels, query, truth, [1, 3, 7], [0.07, 10.0], (7, 10.0), 2)
     assert chosen.grid_top1[(7, 10.0)] == 0.0  # 4 of 7 neighbours are class 1, T flattens
     assert chosen.grid_top1[(1, 0.07)] == chosen.grid_top1[(3, 10.0)] == 100.0
-    assert (chosen.k, chosen.temperature) == (1, 0.07)
-    assert chosen.k_edge == "lowest" and chosen.temperature_edge == "lowest"
+    assert chosen.best == (1, 0.07)
+    # one holdout image of difference is no evidence (exact McNemar p = 0.5): configured kept
+    assert chosen.p_value == pytest.approx(0.5) and chosen.is_configured
+    assert chosen.k_edge == "highest" and chosen.temperature_edge == "highest"
+
+
+def test_a_win_by_three_holdout_images_in_a_thousand_keeps_the_configured_pair():
+    """The noise the rule is for: a pair right on 3 more of 1,000 holdout images and wrong on
+    none more has exact one-sided McNemar p = 1/8, and the configured pair stays; a win by 12
+    images (p = 2.4e-4) moves the choice."""
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    for extra, moves in ((3, False), (12, True)):
+        # `extra` queries by class 0's point, of class 0: k = 1 right, k = 3 (two class-1
+        # neighbours, flat T) wrong; the rest at class 1's points, of class 1: both right
+        query = torch.tensor([[0.0, 1.0]]).repeat(1000, 1)
+        query[:extra] = torch.tensor([1.0, 0.05])
+        truth = torch.ones(1000, dtype=torch.long)
+        truth[:extra] = 0
+        chosen = select_knn(bank, labels, query, truth, [1, 3], [10.0], (3, 10.0), 2)
+        assert chosen.grid_top1[(1, 10.0)] - chosen.grid_top1[(3, 10.0)] == pytest.approx(
+            extra / 10)
+        assert chosen.best == (1, 10.0) and chosen.p_value == pytest.approx(0.5 ** extra)
+        assert (not chosen.is_configured) == moves, chosen
 
 
 def test_select_knn_refuses_a_configured_pair_outside_the_grid():

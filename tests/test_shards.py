@@ -108,11 +108,19 @@ def test_round_trip_is_bit_exact_in_line_order(tmp_path):
     assert manifest == open_shards(tmp_path / "out").manifest
     assert manifest["samples"] == manifest["lines"] == 15 and manifest["skipped"] == []
     assert manifest["num_classes"] == 4 and manifest["class_counts"] == [4, 4, 4, 3]
-    assert manifest["shards"] == [{"name": f"shard-{i:06d}.tar", "samples": n,
-                                   "index": f"shard-{i:06d}.tar.idx.json"}
-                                  for i, n in enumerate([4, 4, 4, 3])]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["manifest.json"] + sorted(
-        f"shard-{i:06d}.tar{suffix}" for i in range(4) for suffix in ("", ".idx.json"))
+    out = tmp_path / "out"
+    # each file's size and sha256, so a downloaded copy can be verified
+    assert manifest["shards"] == [
+        {"name": f"shard-{i:06d}.tar", "samples": n,
+         "bytes": (out / f"shard-{i:06d}.tar").stat().st_size,
+         "sha256": hashlib.sha256((out / f"shard-{i:06d}.tar").read_bytes()).hexdigest()}
+        for i, n in enumerate([4, 4, 4, 3])]
+    assert manifest["index"] == {"name": "index.bin", "bytes": (out / "index.bin").stat().st_size,
+                                 "sha256": hashlib.sha256((out / "index.bin").read_bytes()
+                                                          ).hexdigest()}
+    # one consolidated index, no sidecar per shard
+    assert sorted(p.name for p in out.iterdir()) == ["index.bin", "manifest.json"] + [
+        f"shard-{i:06d}.tar" for i in range(4)]
     # in TSV order, the hash of the records written is the hash of the file
     assert manifest["source"] == {"path": str(tsv), "bytes": tsv.stat().st_size, "lines": 15,
                                   "offsets_from": "lineidx",
@@ -157,8 +165,8 @@ def test_reconversion_replaces_the_output(tmp_path):
     manifest = convert(tmp_path, good_lines(3), shard_size=2)
     assert manifest["samples"] == 3
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "manifest.json", "shard-000000.tar", "shard-000000.tar.idx.json", "shard-000001.tar",
-        "shard-000001.tar.idx.json"]
+        "index.bin", "manifest.json", "shard-000000.tar", "shard-000001.tar"]
+    assert open_shards(tmp_path / "out").index.keys.size == 3
 
 
 def test_labelmap_beside_the_tsv_sets_classes_and_range(tmp_path):

@@ -19,6 +19,7 @@ from seed_core.io import sha256_file
 from seed_core.models.backbones import create_backbone
 from seed_core.models.encoder import Encoder
 from seed_core.models.heads import build_head, mlp_layout
+from seed_core.precision import normalize_images
 from seed_core.teachers.canonical import load_canonical, save_encoder
 from seed_core.teachers.verify import judge_teacher
 from test_checkpoints import MAKERS, assert_same_encoder, make_moco, resnet18
@@ -234,7 +235,7 @@ def write_shards(root: Path, images: np.ndarray, labels: np.ndarray, per_shard: 
 def trained_teacher(images: np.ndarray, labels: np.ndarray, steps: int = 10) -> Encoder:
     """A resnet10t trained briefly (supervised) on the images as the evaluation sees them."""
     transform = eval_transform(16)
-    x = torch.stack([transform(torch.from_numpy(im)[None]) for im in images])
+    x = normalize_images(torch.stack([transform(torch.from_numpy(im)[None]) for im in images]))
     y = torch.from_numpy(labels)
     torch.manual_seed(1)  # not the verification's random-init seed (0)
     backbone = create_backbone("resnet10t", small_images=False)

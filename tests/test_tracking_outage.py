@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 KNN_PARAMS = {"data": {"holdout_fraction": 0.2}, "knn": {"k": 5, "sweep_k": [1, 5, 10]}}
 PRETRAIN_PARAMS = {"data": {"image_size": 16, "workers": 0},
                    "pretrain": {"epochs": 5, "batch_size": 16, "queue_size": 32, "log_every": 1,
+                                "shuffle_bn_group": 8,
                                 "embed_dim": 16, "hidden_dim": 32, "warmup_epochs": 0.5}}
 # one failing call costs at most 3 attempts (2 retries) and 2 s of backoff; a refused connection
 # fails at once, a frozen server after the request timeout (10 s; 2 s in the frozen test)

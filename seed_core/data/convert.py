@@ -12,8 +12,10 @@ Each sample of `shard-NNNNNN.tar` holds, under `__key__ = safe_key(tsv key)`:
 - `cls`: the integer label as ASCII digits (the webdataset convention);
 - `json`: `{"key": original key, "line": 1-based TSV line number}`.
 
-Beside each shard, `shard-NNNNNN.tar.idx.json` lists its samples' original keys, labels and the
-byte offset and size of each image member, so loaders read any sample directly.
+One consolidated index, `index.bin` (`shardset.write_sample_index`), lists every sample's shard,
+the byte offset and size of its image member, its label and original key, so loaders read any
+sample directly; it is memory-mapped by the readers. The manifest records each shard's and the
+index's `bytes` and `sha256`, so a downloaded copy can be verified.
 
 Bad records are skipped and listed in `manifest.json`; more than `max_bad_fraction` of them (or,
 with `strict`, any) stop the conversion instead of producing a shrunken dataset. Images are
@@ -47,7 +49,7 @@ from tqdm import tqdm
 
 from seed_core.config import DataConfig
 from seed_core.data.images import ImageError, verify_image
-from seed_core.data.shardset import INDEX_SUFFIX, MANIFEST_NAME, ShardIndex
+from seed_core.data.shardset import INDEX_NAME, MANIFEST_NAME, SampleIndex, write_sample_index
 from seed_core.data.tsv import TSV_COLUMNS, TsvFormatError, line_offsets, read_line, split_line
 from seed_core.io import UserError, atomic_dir, write_json
 
@@ -197,9 +199,20 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> int:
     return tar.offset - padded
 
 
+def file_digest(path: str | Path) -> tuple[int, str]:
+    """(bytes, sha256 hex) of a file, read in 1 MiB blocks (just written: in the page cache)."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
 class ShardWriter:
-    """Appends samples to `shard-NNNNNN.tar` files in `out_dir`, `shard_size` per shard, and
-    writes each shard's index sidecar (`shard-NNNNNN.tar.idx.json`) when the shard is done."""
+    """Appends samples to `shard-NNNNNN.tar` files in `out_dir`, `shard_size` per shard; records
+    each finished shard's bytes and sha256, and at `close` writes the consolidated sample index
+    (`index.bin`)."""
 
     def __init__(self, out_dir: str | Path, shard_size: int) -> None:
         if shard_size < 1:
@@ -209,6 +222,9 @@ class ShardWriter:
         self.shards: list[dict[str, Any]] = []
         self._tar: tarfile.TarFile | None = None
         self._index: dict[str, list] = {}
+        # finished shards' columns as compact arrays (keys: fixed-width bytes), not objects
+        self._columns: dict[str, list[np.ndarray]] = {c: [] for c in
+                                                      ("labels", "offsets", "sizes", "keys")}
 
     def write(self, key: str, label: int, ext: str, image: bytes, meta: dict[str, Any]) -> None:
         """Add one sample under `__key__ = safe_key(key)`: the image, its label, its metadata."""
@@ -218,7 +234,7 @@ class ShardWriter:
         offset = _add_member(self._tar, f"{name}.{ext}", image)
         _add_member(self._tar, f"{name}.cls", str(label).encode("ascii"))
         _add_member(self._tar, f"{name}.json", json.dumps(meta).encode("utf-8"))
-        for column, value in (("keys", key), ("labels", label), ("exts", ext),
+        for column, value in (("keys", key), ("labels", label),
                               ("offsets", offset), ("sizes", len(image))):
             self._index[column].append(value)
         self.shards[-1]["samples"] += 1
@@ -227,23 +243,35 @@ class ShardWriter:
         self._close_tar()
         name = SHARD_PATTERN.format(len(self.shards))
         self._tar = tarfile.open(self.out_dir / name, "w", format=tarfile.PAX_FORMAT)
-        self.shards.append({"name": name, "samples": 0, "index": name + INDEX_SUFFIX})
-        self._index = {column: [] for column in ("keys", "labels", "exts", "offsets", "sizes")}
+        self.shards.append({"name": name, "samples": 0})
+        self._index = {column: [] for column in ("keys", "labels", "offsets", "sizes")}
 
     def _close_tar(self) -> None:
         if self._tar is not None:
             self._tar.close()
             self._tar = None
-            index = ShardIndex(tuple(self._index["keys"]),
-                               *(np.array(self._index[c], dtype=np.int64)
-                                 for c in ("labels", "offsets", "sizes")))
-            write_json(self.out_dir / self.shards[-1]["index"],
-                       index.to_json(self._index["exts"]))
+            shard = self.shards[-1]
+            shard["bytes"], shard["sha256"] = file_digest(self.out_dir / shard["name"])
+            self._columns["keys"].append(
+                np.array([k.encode("utf-8") for k in self._index["keys"]], dtype=bytes))
+            for column in ("labels", "offsets", "sizes"):
+                self._columns[column].append(np.array(self._index[column], dtype=np.int64))
 
     def close(self) -> list[dict[str, Any]]:
-        """Finish the last shard; returns `[{"name", "samples", "index"}, ...]`."""
+        """Finish the last shard; returns `[{"name", "samples", "bytes", "sha256"}, ...]`."""
         self._close_tar()
         return self.shards
+
+    def write_index(self) -> dict[str, Any]:
+        """Write `index.bin` for the shards written so far; returns its manifest entry."""
+        counts = [shard["samples"] for shard in self.shards]
+        columns = {c: (np.concatenate(parts) if parts else np.zeros(0, np.int64))
+                   for c, parts in self._columns.items()}
+        if not self._columns["keys"]:
+            columns["keys"] = np.zeros(0, dtype="S1")
+        index = SampleIndex(shard=np.repeat(np.arange(len(counts), dtype=np.int32), counts),
+                            **columns)
+        return write_sample_index(self.out_dir / INDEX_NAME, index)
 
 
 def read_labelmap(path: str | Path) -> list[str]:
@@ -360,6 +388,7 @@ def convert_tsv_to_shards(tsv_path: str | Path, out_dir: str | Path,
                     class_counts[label] += 1
             finally:
                 shards = writer.close()
+        index_entry = writer.write_index()
         written = sum(shard["samples"] for shard in shards)
         size = tsv_path.stat().st_size
         if read["bytes"] != size:
@@ -382,6 +411,7 @@ def convert_tsv_to_shards(tsv_path: str | Path, out_dir: str | Path,
             "num_classes": num_classes,
             "class_counts": [class_counts.get(c, 0) for c in range(num_classes)],
             "shards": shards,
+            "index": index_entry,
             "shard_size": shard_size,
             "order": ({"shuffled": False} if shuffle_seed is None
                       else {"shuffled": True, "seed": shuffle_seed}),

@@ -92,6 +92,22 @@ def _pil_extension(pil_format: str) -> str:
     return pil_format.lower()
 
 
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Encoded image bytes -> a decoded PIL image, mode "L" for grayscale sources, else "RGB"
+    (what the augmentations in `transforms.py` take).
+
+    Raises:
+        ImageError: unreadable, truncated or too large.
+    """
+    image = open_image(data, max_pixels)
+    try:
+        image.load()
+        mode = "L" if image.mode in GRAY_MODES else "RGB"
+        return image if image.mode == mode else image.convert(mode)
+    except Exception as err:
+        raise ImageError(f"not a decodable image ({type(err).__name__}: {err})") from None
+
+
 def decode_pixels(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Encoded image bytes -> `uint8 (H, W)` for grayscale sources, else `(H, W, 3)` RGB.
 

@@ -5,12 +5,17 @@ An epoch visits the samples in `epoch_order(N, seed, epoch)`. Global batch `i` i
 contiguous part of it, `G / W` samples. So global batch `i` holds the same samples, in the same
 order once the ranks' parts are concatenated, for any number of ranks or loader workers
 (MosaicML Streaming's "elastic determinism"). The last `N mod G` samples of the order are left
-out; the order changes every epoch, so a different remainder is left out each time.
+out (the epoch's remainder, from which unreadable samples are replaced); the order changes every
+epoch, so a different remainder is left out each time.
 
-The permutation shuffles blocks of `BLOCK` consecutive samples, then shuffles the samples inside
-windows of `WINDOW`: a loader reads mostly sequential runs of a shard, and a dataset of up to
-`WINDOW` samples gets a uniform permutation. Shards are written in a seeded global permutation
-of the TSV (`data/convert.py`), so a class-sorted TSV still gives class-mixed blocks.
+The permutation is uniform: every batch mixes the classes as random sampling would, whatever
+order the shards were written in (`--keep-order`, or class-sorted shards made elsewhere). Reads
+are random preads at byte offsets (`SampleReader`), so nothing is gained by reading runs of a
+shard. The algorithm is this project's own, so an order never changes with a numpy release:
+sample `i` gets the key `splitmix64(stream + i * GAMMA)` (Steele et al.'s SplitMix64 output
+function over a Weyl sequence, in numpy uint64 arithmetic, `stream` from `stream_seed`), and the
+order sorts the keys. The output function is a bijection of 64-bit integers and the Weyl
+sequence does not repeat within 2^64 steps, so the keys are distinct: no ties to break.
 """
 
 from __future__ import annotations
@@ -22,8 +27,7 @@ import numpy as np
 
 from seed_core.io import UserError
 
-BLOCK = 64  # consecutive samples of a shard read together (a few MB of ImageNet JPEGs)
-WINDOW = 8192  # samples shuffled together after the block shuffle
+GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment: odd, so i * GAMMA never repeats mod 2^64
 
 
 def stream_seed(*parts: int | str) -> int:
@@ -32,16 +36,32 @@ def stream_seed(*parts: int | str) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def epoch_order(num_samples: int, seed: int, epoch: int, block: int = BLOCK,
-                window: int = WINDOW) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function on uint64 `x` (wrapping arithmetic): a 64-bit bijection."""
+    x = x.astype(np.uint64, copy=True)
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def hash_keys(stream: int, count: int) -> np.ndarray:
+    """`(count,)` uint64 keys `splitmix64(stream + (i + 1) * GAMMA)` for i in range(count)."""
+    i = np.arange(1, count + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        return splitmix64(np.uint64(stream) + i * np.uint64(GAMMA))
+
+
+def permutation(count: int, *seed: int | str) -> np.ndarray:
+    """A uniform permutation `(count,)` int64 of `range(count)`, a function of `seed` alone."""
+    return np.argsort(hash_keys(stream_seed(*seed), count), kind="stable").astype(np.int64)
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     """A permutation `(N,)` int64 of `range(num_samples)` for one epoch."""
-    rng = np.random.default_rng(stream_seed("epoch order", seed, epoch))
-    blocks = -(-num_samples // block)
-    order = (rng.permutation(blocks)[:, None] * block + np.arange(block)).ravel()
-    order = order[order < num_samples]
-    for start in range(0, num_samples, window):
-        rng.shuffle(order[start:start + window])  # a view: shuffled in place
-    return order
+    return permutation(num_samples, "epoch order", seed, epoch)
 
 
 class PlanError(UserError, ValueError):

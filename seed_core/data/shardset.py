@@ -9,49 +9,58 @@ Where the shards live (`open_shards(location)`):
 - any other `scheme://…` that fsspec reads (`s3://`, `gs://`, `file://`... when the matching
   fsspec backend is installed).
 Remote shards are copied once into a local cache (`$SEED_SHARD_CACHE`, default
-`~/.cache/seed-distill/shards`), under the manifest's hash, atomically and under a file lock so
-concurrent loader workers download each shard once; samples are then read at their byte offsets.
+`~/.cache/seed-distill/shards`), under the manifest's hash, by `seed_core.data.fetch`: streamed
+to a `.part` file, retried and resumed, checked against the manifest's `bytes` and `sha256`
+before an atomic rename, under a file lock so concurrent loader workers download each shard once;
+the cache can be capped (LRU eviction). Samples are then read at their byte offsets. A shard
+that cannot be fetched intact is a `ShardError` naming it and its URL, never a per-sample read
+error whose samples a loader would replace.
 
-The sample index (key, label, byte offset and size of the image member, per sample) comes from
-the `shard-NNNNNN.idx.json` sidecars the converter writes; shards from elsewhere are scanned
-once. Tar members with absolute or `..` paths, links or devices, and members larger than
+The sample index (shard, byte offset and size of the image member, label and key, per sample)
+is one file per shard set, `index.bin` (`write_sample_index`): fetched once, verified, and
+memory-mapped, so every process of a node shares its pages. Shard sets of older converters,
+with one `shard-NNNNNN.tar.idx.json` sidecar per shard, still open; shards from elsewhere are
+scanned once. Tar members with absolute or `..` paths, links or devices, and members larger than
 `MAX_MEMBER_BYTES` are refused with an error naming the shard and the member.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
-import shlex
-import subprocess
 import tarfile
-import tempfile
-import urllib.error
-import urllib.request
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from seed_core.io import UserError
+from seed_core.data import fetch
+from seed_core.data.fetch import FetchError, cache_root, clean_stale_parts, download
+from seed_core.io import UserError, atomic_path
 
 MANIFEST_NAME = "manifest.json"
-INDEX_SUFFIX = ".idx.json"
+INDEX_NAME = "index.bin"  # the consolidated sample index of a shard set
+INDEX_MAGIC = b"SEEDIDX\x00"
+INDEX_SUFFIX = ".idx.json"  # per-shard sidecars of older converters
 INDEX_FORMAT = "seed-distill-shard-index"
+_INDEX_ALIGN = 64
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", "pgm")
 # one encoded image; ImageNet's largest JPEG is ~15 MB
 MAX_MEMBER_BYTES = 64 << 20
-DOWNLOAD_TIMEOUT_S = 60.0
 _CREATE_SHARDS = "create the shards with `python stages/shards.py --tsv FILE --out DIR`"
 
 
 class ShardError(UserError, ValueError):
     """A manifest, index or shard is missing, inconsistent or unsafe."""
+
+
+class UnverifiedWarning(UserWarning):
+    """A remote manifest without sizes and hashes: downloads cannot be verified."""
 
 
 class SampleReadError(OSError):
@@ -65,69 +74,28 @@ def is_remote(location: str) -> bool:
     return location.startswith("pipe:") or "://" in location
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("SEED_SHARD_CACHE")
-                or Path.home() / ".cache" / "seed-distill" / "shards")
+_file_lock = fetch.file_lock
 
 
 def fetch_bytes(location: str, name: str) -> bytes:
-    """The bytes of file `name` under a remote `location` (http(s), pipe: or fsspec)."""
-    if location.startswith("pipe:"):
-        command = location[len("pipe:"):]
-        if "{name}" not in command:
-            raise ShardError(f"{location}: a pipe: location needs a {{name}} placeholder for the "
-                             f"file to read, e.g. pipe:curl -sf https://host/shards/{{name}}")
-        done = subprocess.run(command.replace("{name}", shlex.quote(name)), shell=True,
-                              capture_output=True, timeout=DOWNLOAD_TIMEOUT_S * 10)
-        if done.returncode != 0:
-            raise ShardError(f"{location}: reading {name} failed (exit {done.returncode}): "
-                             f"{done.stderr.decode(errors='replace')[-300:]}")
-        return done.stdout
-    url = location.rstrip("/") + "/" + name
-    if location.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-                return response.read()
-        except (urllib.error.URLError, OSError) as err:
-            raise ShardError(f"{url}: cannot read it ({err})") from None
+    """The bytes of a small file `name` under a remote `location` (http(s), pipe: or fsspec),
+    fetched with the retries of `seed_core.data.fetch`."""
     try:
-        import fsspec
-    except ImportError:
-        raise ShardError(f"{location}: unknown location scheme; install fsspec and its backend "
-                         f"for it, or use a local directory or http(s)://") from None
+        return fetch.fetch_bytes(location, name)
+    except FetchError as err:
+        raise ShardError(str(err)) from None
+
+
+def cached_copy(location: str, name: str, cache_dir: Path, size: int | None = None,
+                sha256: str | None = None) -> Path:
+    """The local copy of remote file `name`, downloaded once per node and verified against
+    `size` and `sha256` when the manifest has them (`seed_core.data.fetch.download`)."""
     try:
-        with fsspec.open(url, "rb") as f:
-            return f.read()
-    except (ImportError, ValueError) as err:  # unknown protocol, or its backend is absent
-        raise ShardError(f"{location}: fsspec cannot read this scheme ({err})") from None
-    except OSError as err:
-        raise ShardError(f"{url}: cannot read it ({err})") from None
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def cached_copy(location: str, name: str, cache_dir: Path) -> Path:
-    """A local copy of remote file `name`, downloaded once (atomically, under a lock)."""
-    target = cache_dir / name
-    if target.is_file():
-        return target
-    with _file_lock(target):
-        if not target.is_file():  # another process may have fetched it while we waited
-            data = fetch_bytes(location, name)
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=cache_dir)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, target)
-    return target
+        return download(location, name, cache_dir / name, size=size, sha256=sha256)
+    except FetchError as err:
+        # a shard that cannot be fetched intact stops the run: the loader replaces unreadable
+        # samples, and silently replacing a whole shard's would shrink the dataset
+        raise ShardError(f"{name}: not fetched intact; {err}") from None
 
 
 # ----------------------------------------------------------------------------- the index
@@ -238,6 +206,14 @@ def check_manifest(manifest: Any, where: str) -> None:
         if name.is_absolute() or len(name.parts) != 1:
             raise ShardError(f"{where}: shards[{i}] name {shard['name']!r} must be a plain "
                              f"file name")
+        _check_file_entry(shard, f"{where}: shards[{i}]")
+    index = manifest.get("index")
+    if index is not None:
+        if not (isinstance(index, dict) and isinstance(index.get("name"), str)
+                and len(PurePosixPath(index["name"]).parts) == 1
+                and not PurePosixPath(index["name"]).is_absolute()):
+            raise ShardError(f"{where}: 'index' needs a plain file 'name'")
+        _check_file_entry(index, f"{where}: index")
     total = sum(s["samples"] for s in shards)
     if total != manifest["samples"]:
         raise ShardError(f"{where}: the shards hold {total} samples, 'samples' says "
@@ -248,6 +224,21 @@ def check_manifest(manifest: Any, where: str) -> None:
     if names is not None and len(names) != manifest["num_classes"]:
         raise ShardError(f"{where}: {len(names)} class_names for num_classes "
                          f"{manifest['num_classes']}")
+
+
+def _check_file_entry(entry: dict[str, Any], where: str) -> None:
+    size, digest = entry.get("bytes"), entry.get("sha256")
+    if size is not None and not (isinstance(size, int) and size >= 0):
+        raise ShardError(f"{where}: 'bytes' must be an integer >= 0, not {size!r}")
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64
+                                   and all(c in "0123456789abcdef" for c in digest)):
+        raise ShardError(f"{where}: 'sha256' must be 64 lowercase hex digits, not {digest!r}")
+
+
+def unverifiable_files(manifest: dict[str, Any]) -> list[str]:
+    """The manifest's files without a size and sha256 (written by an older converter)."""
+    entries = list(manifest["shards"]) + ([manifest["index"]] if "index" in manifest else [])
+    return [e["name"] for e in entries if e.get("bytes") is None or e.get("sha256") is None]
 
 
 @dataclass(frozen=True)
@@ -263,6 +254,84 @@ class SampleIndex:
 
     def key(self, i: int) -> str:
         return self.keys[i].decode("utf-8")
+
+
+_INDEX_COLUMNS = {"shard": "<i4", "offsets": "<i8", "sizes": "<i8", "labels": "<i8",
+                  "keys": None}
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _INDEX_ALIGN) * _INDEX_ALIGN
+
+
+def write_sample_index(path: str | Path, index: SampleIndex) -> dict[str, Any]:
+    """Write `index` as one flat file (atomically) that `load_sample_index` memory-maps.
+
+    Layout: `INDEX_MAGIC`, the header's length (uint64, little-endian), a JSON header (format,
+    samples, each column's dtype, shape and offset), then each column's little-endian array at
+    a 64-byte-aligned offset. Returns the manifest's entry: `{"name", "bytes", "sha256"}`.
+    """
+    path = Path(path)
+    arrays = {}
+    for column, dtype in _INDEX_COLUMNS.items():
+        array = np.asarray(getattr(index, column))
+        if column == "keys":
+            dtype = f"S{max(1, array.dtype.itemsize)}"  # S0 cannot be memory-mapped
+        arrays[column] = np.ascontiguousarray(array, dtype=dtype)
+    layout, position = {}, 0
+    for column, array in arrays.items():
+        layout[column] = {"dtype": array.dtype.str, "shape": list(array.shape),
+                          "offset": position}
+        position = _aligned(position + array.nbytes)
+    header = json.dumps({"format": INDEX_FORMAT, "version": 2,
+                         "samples": int(arrays["shard"].shape[0]), "columns": layout}).encode()
+    prefix = INDEX_MAGIC + len(header).to_bytes(8, "little") + header
+    digest, written = hashlib.sha256(), 0
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        def put(data: bytes) -> None:
+            nonlocal written
+            f.write(data)
+            digest.update(data)
+            written += len(data)
+
+        put(prefix + b"\0" * (_aligned(len(prefix)) - len(prefix)))
+        start = written
+        for column, array in arrays.items():
+            put(b"\0" * (start + layout[column]["offset"] - written))
+            put(array.tobytes())
+    return {"name": path.name, "bytes": written, "sha256": digest.hexdigest()}
+
+
+def load_sample_index(path: str | Path) -> SampleIndex:
+    """The index written by `write_sample_index`, memory-mapped read-only: the processes of a
+    node share its pages (the page cache), and forked workers copy nothing."""
+    path = Path(path)
+    try:
+        raw = np.memmap(path, dtype=np.uint8, mode="r")
+        if raw.size < 16 or raw[:8].tobytes() != INDEX_MAGIC:
+            raise ShardError(f"{path}: not a sample index (no {INDEX_MAGIC!r} magic)")
+        length = int.from_bytes(raw[8:16].tobytes(), "little")
+        header = json.loads(raw[16:16 + length].tobytes())
+        if header.get("format") != INDEX_FORMAT or header.get("version") != 2:
+            raise ShardError(f"{path}: sample index format {header.get('format')!r} version "
+                             f"{header.get('version')!r}, expected {INDEX_FORMAT!r} version 2")
+        start = _aligned(16 + length)
+        columns = {}
+        for column in _INDEX_COLUMNS:
+            spec = header["columns"][column]
+            dtype = np.dtype(spec["dtype"])
+            count = int(np.prod(spec["shape"], dtype=np.int64))
+            begin = start + int(spec["offset"])
+            end = begin + count * dtype.itemsize
+            if end > raw.size or count != header["samples"]:
+                raise ShardError(f"{path}: column {column!r} lies outside the file (a "
+                                 f"truncated index)")
+            columns[column] = raw[begin:end].view(dtype)
+    except (ValueError, KeyError, TypeError) as err:  # incl. JSONDecodeError
+        if isinstance(err, ShardError):
+            raise
+        raise ShardError(f"{path}: malformed sample index ({type(err).__name__}: {err})") from None
+    return SampleIndex(**columns)
 
 
 @dataclass(frozen=True)
@@ -289,10 +358,19 @@ class ShardSet:
         """Global index of each shard's first sample."""
         return np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(int).tolist()
 
+    @cached_property
+    def _entries(self) -> dict[str, dict[str, Any]]:
+        entries = {s["name"]: s for s in self.manifest.get("shards", [])}
+        if "index" in self.manifest:
+            entries[self.manifest["index"]["name"]] = self.manifest["index"]
+        return entries
+
     def _file(self, name: str) -> Path:
         if self.cache_dir is None:
             return Path(self.location) / name
-        return cached_copy(self.location, name, self.cache_dir)
+        entry = self._entries.get(name, {})
+        return cached_copy(self.location, name, self.cache_dir, entry.get("bytes"),
+                           entry.get("sha256"))
 
     def shard_path(self, shard: int) -> Path:
         """Local path of shard `shard` (downloaded into the cache first if remote)."""
@@ -304,6 +382,12 @@ class ShardSet:
 
     def shard_index(self, shard: int) -> ShardIndex:
         name = self.names[shard]
+        if "index" in self.manifest:  # one consolidated index: a slice of it
+            index, start = self.index, self.offsets()[shard]
+            part = slice(start, start + self.counts[shard])
+            return ShardIndex(tuple(k.decode("utf-8") for k in index.keys[part].tolist()),
+                              *(np.array(getattr(index, c)[part], dtype=np.int64)
+                                for c in ("labels", "offsets", "sizes")))
         sidecar = name + INDEX_SUFFIX
         listed = (self.manifest.get("shards") or [{}] * (shard + 1))[shard].get("index")
         if listed or (self.cache_dir is None and (Path(self.location) / sidecar).is_file()):
@@ -331,7 +415,14 @@ class ShardSet:
 
     @cached_property
     def index(self) -> SampleIndex:
-        """The global sample index (built once per process; forked workers inherit it)."""
+        """The global sample index: the consolidated `index.bin` memory-mapped (shared by the
+        processes of a node), or, for older shard sets, built from the per-shard sidecars or
+        scans once per process (forked workers inherit it)."""
+        if "index" in self.manifest:
+            path = self._file(self.manifest["index"]["name"])
+            index = load_sample_index(path)
+            self._check_index(index, str(path))
+            return index
         parts = [self.shard_index(i) for i in range(len(self.names))]
         keys = [k for part in parts for k in part.keys]
         return SampleIndex(
@@ -341,6 +432,34 @@ class ShardSet:
             sizes=np.concatenate([p.sizes for p in parts]),
             labels=np.concatenate([p.labels for p in parts]),
             keys=np.array([k.encode("utf-8") for k in keys], dtype=bytes))
+
+    def _check_index(self, index: SampleIndex, where: str) -> None:
+        """The consolidated index agrees with the manifest: shard by shard, the counts, labels
+        within the classes, no oversize member (vectorised: ~10 ms at 1.28 M samples)."""
+        shard = index.shard
+        if shard.size != self.samples:
+            raise ShardError(f"{where}: {shard.size} samples, the manifest says {self.samples}; "
+                             f"re-create the shards")
+        if shard.size and (shard[0] < 0 or shard[-1] >= len(self.names)
+                           or bool(np.any(np.diff(shard) < 0))):
+            raise ShardError(f"{where}: shard numbers out of order or range; re-create the shards")
+        counts = np.bincount(shard, minlength=len(self.names))
+        wrong = np.flatnonzero(counts != np.asarray(self.counts))
+        if wrong.size:
+            i = int(wrong[0])
+            raise ShardError(f"{self.location}/{self.names[i]}: holds {int(counts[i])} samples in "
+                             f"{where}, the manifest says {self.counts[i]}; re-create the shards")
+        labels = index.labels
+        outside = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
+        if outside.size:
+            bad = int(outside[0])
+            raise ShardError(f"{self.location}/{self.names[int(shard[bad])]}: sample "
+                             f"{index.key(bad)!r} has label {int(labels[bad])}, outside the "
+                             f"manifest's {self.num_classes} classes")
+        if index.sizes.size and (int(index.sizes.max()) > MAX_MEMBER_BYTES
+                                 or int(index.offsets.min()) < 0):
+            raise ShardError(f"{where}: a sample of {int(index.sizes.max()):,} bytes exceeds the "
+                             f"{MAX_MEMBER_BYTES:,} allowed (or a negative offset); refused")
 
 
 def open_shards(location: str | os.PathLike) -> ShardSet:
@@ -358,7 +477,8 @@ def open_shards(location: str | os.PathLike) -> ShardSet:
         raw = fetch_bytes(text, MANIFEST_NAME)
         digest = hashlib.sha256(text.encode() + b"\0" + raw).hexdigest()[:20]
         cache_dir = cache_root() / digest
-        where = f"{text.rstrip('/')}/{MANIFEST_NAME}"
+        clean_stale_parts(cache_dir)  # of downloads killed long ago
+        where = fetch.source_of(text, MANIFEST_NAME)
     else:
         path = Path(text) / MANIFEST_NAME
         where = str(path)
@@ -371,6 +491,13 @@ def open_shards(location: str | os.PathLike) -> ShardSet:
     except json.JSONDecodeError as err:
         raise ShardError(f"{where}: not valid JSON ({err}); {_CREATE_SHARDS}") from None
     check_manifest(manifest, where)
+    unverified = unverifiable_files(manifest)
+    if remote and unverified:
+        warnings.warn(f"{where}: {len(unverified)} file(s) (e.g. {unverified[0]}) have no 'bytes' "
+                      f"and 'sha256' (an older converter), so downloads of them cannot be "
+                      f"verified: a truncated or corrupted download would go unnoticed. "
+                      f"Re-create the shards with `python stages/shards.py`", UnverifiedWarning,
+                      stacklevel=2)
     names = tuple(s["name"] for s in manifest["shards"])
     if not remote:
         missing = [n for n in names if not (Path(text) / n).is_file()]
@@ -386,18 +513,35 @@ def open_shards(location: str | os.PathLike) -> ShardSet:
 
 
 class SampleReader:
-    """Reads samples' encoded bytes at their offsets; one per process (keeps files open)."""
+    """Reads samples' encoded bytes at their offsets; one per process.
 
-    def __init__(self, shards: ShardSet) -> None:
+    Keeps at most `max_open` shard files open (least recently used closed first): an epoch's
+    random reads touch every shard, and an ImageNet-sized set (1,001 shards) would otherwise
+    exceed the common 1,024 open-file limit in every loader worker.
+    """
+
+    def __init__(self, shards: ShardSet, max_open: int | None = None) -> None:
         self.shards = shards
-        self._files: dict[int, int] = {}
+        self.max_open = MAX_OPEN_SHARDS if max_open is None else max_open
+        if self.max_open < 1:
+            raise ValueError(f"max_open must be >= 1, not {self.max_open}")
+        self._files: dict[int, int] = {}  # shard -> fd, in order of use (least recent first)
+
+    def _fd(self, shard: int) -> int:
+        fd = self._files.pop(shard, None)
+        if fd is not None:
+            self._files[shard] = fd  # now the most recent
+            return fd
+        path = self.shards.shard_path(shard)
+        while len(self._files) >= self.max_open:
+            os.close(self._files.pop(next(iter(self._files))))
+        fd = self._files[shard] = os.open(path, os.O_RDONLY)
+        return fd
 
     def read(self, i: int) -> bytes:
         index = self.shards.index
         shard = int(index.shard[i])
-        fd = self._files.get(shard)
-        if fd is None:
-            fd = self._files[shard] = os.open(self.shards.shard_path(shard), os.O_RDONLY)
+        fd = self._fd(shard)
         size = int(index.sizes[i])
         data = os.pread(fd, size, int(index.offsets[i]))
         if len(data) != size:
@@ -405,14 +549,47 @@ class SampleReader:
                                   f"short ({len(data)} of {size} bytes): a truncated shard")
         return data
 
+    @property
+    def open_files(self) -> int:
+        return len(self._files)
+
     def close(self) -> None:
-        for fd in self._files.values():
-            os.close(fd)
-        self._files.clear()
+        while self._files:
+            os.close(self._files.popitem()[1])
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+MAX_OPEN_SHARDS = 32  # open shard files per process (SampleReader); each loader worker has its own
+
+_raised_limit = False
+
+
+def raise_open_file_limit() -> None:
+    """Raise this process's soft open-file limit (RLIMIT_NOFILE) to its hard limit, once; loader
+    workers forked afterwards inherit it. The shards need few files (`MAX_OPEN_SHARDS`), but
+    loader workers pass batches through file descriptors too."""
+    global _raised_limit
+    if _raised_limit:
+        return
+    _raised_limit = True
+    import logging
+    import resource
+
+    log = logging.getLogger(__name__)
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # an infinite hard limit: Linux refuses an infinite NOFILE soft limit, so ask for 2^20
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        log.info("open-file limit raised from %d to %d", soft, target)
+    except (ValueError, OSError) as err:
+        log.warning("could not raise the open-file limit from %d to %d: %s", soft, target, err)
 
 
 def check_same_classes(train: ShardSet, val: ShardSet) -> None:

@@ -1,114 +1,352 @@
-"""Augmentation recipes (torchvision transforms v2), sized by `data.image_size`.
+"""Augmentation recipes on PIL images, sized by `data.image_size`.
 
-Every transform takes a decoded `uint8` image tensor `(C, H, W)` with C = 1 (grayscale) or 3 and
-returns normalised float `(3, S, S)`. Two choices keep the per-sample cost low (a loader worker
-shares the cores with training):
-- the crop (or resize) runs on uint8, then the image becomes float in [0, 1] (`ToUnitFloat`):
-  the colour and blur ops on a small float image cost half what they cost on uint8, where
-  torchvision converts and rounds around every op;
-- grayscale sources are augmented on their single channel and expanded to RGB at the end:
-  saturation, hue and grayscale conversion are exact identities on a gray image, so this is the
-  same distribution as augmenting the replicated RGB image, at a third of the cost.
+Every transform takes a decoded image, a PIL image (mode "RGB", or "L" for grayscale sources:
+what `_Samples.decode` gives) or a `uint8` tensor `(C, H, W)` with C = 1 or 3, and returns a
+`uint8 (3, S, S)` tensor. Normalisation (float, /255, ImageNet mean and std) happens on the
+device, once per batch: `seed_core.precision.to_device`.
+
+The ops are those of SEED's released code (torchvision transforms on PIL images, MoCo's PIL
+Gaussian blur), written for one core at 224 px (`bench/bench_loader.py` has the figures):
+- the crop and resize run on the uint8 tensor, channels-last (torch's antialiased bilinear
+  uint8 kernel: torchvision's `resized_crop`, 2-4x faster than PIL's resize), as does the flip;
+  the eval view is torchvision's Resize + CenterCrop on uint8;
+- brightness and contrast are 256-entry lookup tables, saturation a PIL blend with the gray
+  image, hue a shift of PIL's uint8 HSV hue, as torchvision does it on PIL images (the way back
+  to RGB by lookup tables);
+- the blur is PIL's Gaussian (`ImageFilter.GaussianBlur(radius=sigma)`, as MoCo and SEED blur)
+  wherever the recipe's kernel (10% of the side, odd) spans +-3 sigma; where it cuts the Gaussian
+  shorter (small images, large sigma) the truncated separable kernel is applied exactly, so the
+  blur at every size is the one torchvision's `GaussianBlur(kernel, sigma)` gives;
+- an image made gray (a grayscale source, or RandomGrayscale) stays one channel until the end:
+  saturation, hue and grayscale conversion are identities on it and the other ops cost a third.
+All random draws come from torch's global generator (`loader.seeded` seeds it per sample), one
+`torch.rand` per view.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
-import torchvision.transforms.v2 as T
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageChops, ImageFilter
 
-# Teacher checkpoints (MoCo, SWAV, DINO...) were trained on ImageNet-normalised inputs.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-Transform = Callable[[torch.Tensor], torch.Tensor]
-
-
-class ToUnitFloat(torch.nn.Module):
-    """uint8 `(C, H, W)` -> float in [0, 1]: what torchvision's colour ops expect of floats."""
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return image.as_subclass(torch.Tensor).float().div_(255.0)
-
-
-class ToNormalizedRGB(torch.nn.Module):
-    """Float `(1|3, H, W)` in [0, 1] -> `(3, H, W)`, ImageNet-normalised."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = image.as_subclass(torch.Tensor)
-        if x.shape[0] == 1:
-            x = x.expand(3, -1, -1)
-        return (x - self.mean) / self.std
-
-
-def _blur_kernel(size: int) -> int:
-    """MoCo/SimCLR blur about 10% of the image side; odd, at least 3."""
-    k = max(3, int(round(size * 0.1)))
-    return k if k % 2 == 1 else k + 1
-
+Transform = Callable[[Image.Image | torch.Tensor], torch.Tensor]
 
 # SEED's released code (`tools/utils.py`) picks the distillation augmentation by the teacher's
 # SSL method; the recipes below follow it op for op, sized by `image_size` instead of 224 px.
 MOCO_SCALE = (0.2, 1.0)
 SWAV_SCALE = (0.14, 1.0)
 SMALL_PATCH_SCALE = (0.05, 0.14)
+LINEAR_SCALE = (0.08, 1.0)
 BLUR_SIGMA = (0.1, 2.0)
+RATIO = (3 / 4, 4 / 3)
+CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop: the first of 10 draws that fits
+CROP_DRAWS = 2 * CROP_ATTEMPTS + 2  # area and ratio per attempt, then the position
+COLOUR_DRAWS = 12  # gray, jitter p, its 4 factors and 4 ranks for the order, blur p, sigma
+DRAWS = CROP_DRAWS + COLOUR_DRAWS + 1  # uniforms per view: crop, colour, flip
 
 
-def _mocov2_colour(size: int) -> list:
+def blur_kernel(size: int) -> int:
+    """MoCo/SimCLR blur about 10% of the image side; odd, at least 3."""
+    k = max(3, int(round(size * 0.1)))
+    return k if k % 2 == 1 else k + 1
+
+
+def to_tensor(image: Image.Image | torch.Tensor) -> torch.Tensor:
+    """`uint8 (C, H, W)`, C = 1 or 3, from a PIL image ("L" or "RGB"; other modes become RGB)
+    or a tensor; from PIL, a view of `(H, W, C)` memory (channels-last, what torchvision's uint8
+    resize is fastest on)."""
+    if isinstance(image, torch.Tensor):
+        return image.as_subclass(torch.Tensor)
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    pixels = torch.from_numpy(np.array(image))
+    return pixels[None] if pixels.ndim == 2 else pixels.permute(2, 0, 1)
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """`uint8 (1|3, H, W)` -> PIL "L" or "RGB" (no transpose when the memory is `(H, W, C)`)."""
+    array = image.permute(1, 2, 0).numpy()
+    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else np.ascontiguousarray(array))
+
+
+def to_uint8_rgb(image: Image.Image | torch.Tensor) -> torch.Tensor:
+    """PIL "RGB" or "L", or `uint8 (1|3, H, W)` -> `uint8 (3, H, W)`; one channel is expanded
+    (a view: the batch's collation copies it)."""
+    pixels = to_tensor(image)
+    return pixels.expand(3, -1, -1) if pixels.shape[0] == 1 else pixels
+
+
+# ----------------------------------------------------------------------------- single ops
+# Each op takes fixed parameters, so a test can compare it with torchvision's.
+
+
+def crop_params(width: int, height: int, scale: tuple[float, float], u: Sequence[float]
+                ) -> tuple[int, int, int, int]:
+    """torchvision's `RandomResizedCrop.get_params` from `CROP_DRAWS` uniforms `u`:
+    `(left, top, width, height)`: area and ratio from `u[2 i]`, `u[2 i + 1]` of attempt i, the
+    position from `u[-2:]`; the centre crop at the clamped ratio if no attempt fits."""
+    area = width * height
+    log_lo, log_hi = math.log(RATIO[0]), math.log(RATIO[1])
+    for attempt in range(CROP_ATTEMPTS):
+        u_area, u_ratio = u[2 * attempt], u[2 * attempt + 1]
+        target = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+        ratio = math.exp(log_lo + (log_hi - log_lo) * u_ratio)
+        w, h = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            return (int(u[-2] * (width - w + 1)), int(u[-1] * (height - h + 1)), w, h)
+    in_ratio = width / height
+    if in_ratio < RATIO[0]:
+        w, h = width, int(round(width / RATIO[0]))
+    elif in_ratio > RATIO[1]:
+        w, h = int(round(height * RATIO[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def resized_crop(image: torch.Tensor, box: tuple[int, int, int, int], size: int
+                 ) -> torch.Tensor:
+    """Crop `box` = `(left, top, width, height)` of `uint8 (C, H, W)` and resize it to
+    `size x size`, bilinear with antialiasing: torchvision's `resized_crop`, computed by torch's
+    uint8 kernel (faster than PIL's) on a channels-last copy of the box, so that the result is
+    channels-last too and becomes a PIL image without a transpose."""
+    left, top, w, h = box
+    crop = image[None, :, top:top + h, left:left + w].contiguous(memory_format=torch.channels_last)
+    return F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False)[0]
+
+
+def _lut(values: np.ndarray, bands: int) -> list[int]:
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8).tolist() * bands
+
+
+def adjust_brightness(image: Image.Image, factor: float) -> Image.Image:
+    """`image * factor`, clamped (torchvision's `adjust_brightness`)."""
+    return image.point(_lut(np.arange(256) * factor, len(image.getbands())))
+
+
+def adjust_contrast(image: Image.Image, factor: float) -> Image.Image:
+    """Blend with the mean of the gray image (torchvision's `adjust_contrast`)."""
+    gray = image if image.mode == "L" else image.convert("L")
+    mean = float(np.asarray(gray).mean())
+    return image.point(_lut(mean + (np.arange(256) - mean) * factor, len(image.getbands())))
+
+
+def adjust_saturation(image: Image.Image, factor: float) -> Image.Image:
+    """Blend with the gray image (torchvision's `adjust_saturation`); identity on "L"."""
+    if image.mode == "L":
+        return image
+    return Image.blend(image.convert("L").convert("RGB"), image, factor)
+
+
+def _hue_weights() -> np.ndarray:
+    """`(3, 256)` uint8: how far below V each of R, G, B lies, in units of the chroma / 255, at
+    each hue of PIL's uint8 HSV (PIL's `hsv2rgb`: sextant i = floor(6 h / 255), fraction f)."""
+    hue = np.arange(256) * 6.0 / 255.0
+    sextant, f = np.floor(hue).astype(int) % 6, hue - np.floor(hue)
+    # per sextant, each channel is V (0), V - C (1), V - C f (f) or V - C (1 - f)
+    table = {0: (0, "t", 1), 1: ("f", 0, 1), 2: (1, 0, "t"), 3: (1, "f", 0), 4: ("t", 1, 0),
+             5: (0, 1, "f")}
+    weights = np.zeros((3, 256))
+    for h in range(256):
+        for c, w in enumerate(table[sextant[h]]):
+            weights[c, h] = {"f": f[h], "t": 1 - f[h]}.get(w, w)
+    return np.rint(weights * 255).astype(np.uint8)
+
+
+HUE_WEIGHTS = _hue_weights()
+
+
+def adjust_hue(image: Image.Image, shift: float) -> Image.Image:
+    """Rotate the hue by `shift` turns in [-0.5, 0.5] in PIL's uint8 HSV, the hue channel
+    shifted modulo 256, as torchvision does it on PIL images; identity on "L". The way back to
+    RGB is PIL's `hsv2rgb` written as lookup tables and integer multiplies (within one level of
+    PIL's, at two thirds of its cost): channel = V (1 - S weight(hue + shift))."""
+    if image.mode == "L":
+        return image
+    hue, saturation, value = image.convert("HSV").split()
+    steps = round(shift * 255)
+    # V (1 - S w): ImageChops.multiply truncates, and this order keeps the bias under 0.2 level
+    return Image.merge("RGB", [ImageChops.multiply(value, ImageChops.invert(ImageChops.multiply(
+        saturation, hue.point(np.roll(weights, -steps).tolist())))) for weights in HUE_WEIGHTS])
+
+
+def grayscale(image: Image.Image) -> Image.Image:
+    """ITU-R 601-2 luma, kept as one channel ("L") until `to_uint8_rgb` expands it."""
+    return image if image.mode == "L" else image.convert("L")
+
+
+def gaussian_kernel1d(kernel: int, sigma: float) -> torch.Tensor:
+    """torchvision's 1-D Gaussian: `kernel` taps, normalised."""
+    x = torch.linspace(-(kernel - 1) / 2, (kernel - 1) / 2, kernel, dtype=torch.float64)
+    pdf = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (pdf / pdf.sum()).float()
+
+
+def separable_blur(image: Image.Image, kernel: int, sigma: float) -> Image.Image:
+    """The Gaussian of `sigma` truncated to `kernel` taps, reflect padding, rounded: exactly
+    torchvision's `gaussian_blur` on uint8, in two 1-D passes."""
+    pixels = to_tensor(image).float()[None]
+    weight = gaussian_kernel1d(kernel, sigma)
+    c, pad = pixels.shape[1], kernel // 2
+    if min(pixels.shape[-2:]) <= pad:  # reflect needs more pixels than the padding
+        return image
+    x = F.conv2d(F.pad(pixels, (pad, pad, 0, 0), mode="reflect"),
+                 weight.view(1, 1, 1, kernel).expand(c, 1, 1, kernel), groups=c)
+    x = F.conv2d(F.pad(x, (0, 0, pad, pad), mode="reflect"),
+                 weight.view(1, 1, kernel, 1).expand(c, 1, kernel, 1), groups=c)
+    return to_pil(x[0].round_().clamp_(0, 255).to(torch.uint8))
+
+
+def gaussian_blur(image: Image.Image, kernel: int, sigma: float) -> Image.Image:
+    """Gaussian blur of `sigma` within `kernel` taps: PIL's blur (MoCo's and SEED's) where the
+    kernel spans +-3 sigma (it then drops < 0.3% of the Gaussian), the exact truncated kernel
+    where it is shorter."""
+    if kernel >= 6 * sigma + 1:
+        return image.filter(ImageFilter.GaussianBlur(radius=sigma))
+    return separable_blur(image, kernel, sigma)
+
+
+def hflip(image: Image.Image) -> Image.Image:
+    return image.transpose(Image.FLIP_LEFT_RIGHT)
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+@dataclass(frozen=True)
+class Jitter:
+    """ColorJitter strengths: factors in [1 - x, 1 + x] for brightness, contrast and
+    saturation, a hue shift in [-hue, hue] turns; the four applied in a random order."""
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+
+
+MOCO_V2_JITTER = Jitter(0.4, 0.4, 0.4, 0.1)
+MOCO_V1_JITTER = Jitter(0.4, 0.4, 0.4, 0.4)
+
+
+def color_jitter(image: Image.Image, jitter: Jitter, u: Sequence[float]) -> Image.Image:
+    """torchvision's `ColorJitter(jitter)` with 8 uniforms `u`: 4 factors, then 4 whose ranks
+    give the order of the ops (a uniform random permutation)."""
+    ops = (lambda im, v: adjust_brightness(im, 1 + jitter.brightness * (2 * v - 1)),
+           lambda im, v: adjust_contrast(im, 1 + jitter.contrast * (2 * v - 1)),
+           lambda im, v: adjust_saturation(im, 1 + jitter.saturation * (2 * v - 1)),
+           lambda im, v: adjust_hue(im, jitter.hue * (2 * v - 1)))
+    for i in sorted(range(4), key=lambda j: u[4 + j]):
+        image = ops[i](image, u[i])
+    return image
+
+
+@dataclass(frozen=True)
+class View:
+    """One augmented view: RandomResizedCrop(size, scale), then the colour ops (jitter with
+    probability `jitter_p`, grayscale with probability `gray_p`, before the jitter when
+    `gray_first`), Gaussian blur with probability `blur_p` (sigma uniform in `sigma`, kernel
+    `blur_kernel(size)`), horizontal flip with probability 0.5. Returns `uint8 (3, S, S)`."""
+    size: int
+    scale: tuple[float, float]
+    jitter: Jitter | None = None
+    jitter_p: float = 0.0
+    gray_p: float = 0.0
+    gray_first: bool = False
+    blur_p: float = 0.0
+    sigma: tuple[float, float] = BLUR_SIGMA
+
+    @property
+    def kernel(self) -> int:
+        return blur_kernel(self.size)
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        pixels = to_tensor(image)
+        u = torch.rand(DRAWS, dtype=torch.float64).tolist()
+        crop, u = u[:CROP_DRAWS], u[CROP_DRAWS:]
+        box = crop_params(pixels.shape[-1], pixels.shape[-2], self.scale, crop)
+        pixels = self.colour(resized_crop(pixels, box, self.size), u)
+        if u[12] < 0.5:
+            pixels = pixels.flip(-1)
+        return to_uint8_rgb(pixels)
+
+    def geometry(self, image: Image.Image | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CPU part when the colour ops and the blur run on the device: the same crop and
+        flip as `__call__` from the same draws, and the colour uniforms `(COLOUR_DRAWS,)` float64
+        that `device_augment.apply_colour` takes (the flip commutes with the colour ops and the
+        symmetric blur, so it may come first)."""
+        pixels = to_tensor(image)
+        u = torch.rand(DRAWS, dtype=torch.float64)
+        box = crop_params(pixels.shape[-1], pixels.shape[-2], self.scale,
+                          u[:CROP_DRAWS].tolist())
+        pixels = resized_crop(pixels, box, self.size)
+        if u[CROP_DRAWS + 12] < 0.5:
+            pixels = pixels.flip(-1)
+        return to_uint8_rgb(pixels), u[CROP_DRAWS:CROP_DRAWS + COLOUR_DRAWS]
+
+    def colour(self, pixels: torch.Tensor, u: Sequence[float]) -> torch.Tensor:
+        """The colour ops and the blur of `uint8 (C, S, S)` given the view's uniforms after the
+        crop's: `u[0]` grayscale, `u[1]` jitter, `u[2:10]` its factors and order, `u[10]` blur,
+        `u[11]` its sigma (`device_augment` draws the same from the same uniforms)."""
+        gray, jitter, blur = (u[0] < self.gray_p, self.jitter is not None and u[1] < self.jitter_p,
+                              u[10] < self.blur_p)
+        if not (gray or jitter or blur):
+            return pixels
+        image = to_pil(pixels)  # the colour ops and the blur run on PIL images
+        if gray and self.gray_first:
+            image = grayscale(image)
+        if jitter:
+            image = color_jitter(image, self.jitter, u[2:10])
+        if gray and not self.gray_first:
+            image = grayscale(image)
+        if blur:
+            image = gaussian_blur(image, self.kernel, self.sigma[0] +
+                                  (self.sigma[1] - self.sigma[0]) * u[11])
+        return to_tensor(image)
+
+
+def _mocov2_view(size: int, scale: tuple[float, float]) -> View:
     """MoCo-v2's colour ops, which SEED also keeps for SwAV teachers ("not strengthened"):
     jitter 0.4/0.4/0.4/0.1 with p = 0.8, grayscale p = 0.2, Gaussian blur p = 0.5."""
-    return [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            T.RandomApply([T.GaussianBlur(_blur_kernel(size), sigma=BLUR_SIGMA)], p=0.5)]
+    return View(size, scale, MOCO_V2_JITTER, jitter_p=0.8, gray_p=0.2, blur_p=0.5)
 
 
-def _mocov1_colour() -> list:
-    """MoCo-v1's (InstDisc's) colour ops: grayscale p = 0.2 first, then jitter 0.4/0.4/0.4/0.4
-    every time, no blur."""
-    return [T.RandomGrayscale(p=0.2), T.ColorJitter(0.4, 0.4, 0.4, 0.4)]
-
-
-def _view(size: int, scale: tuple[float, float], colour: list) -> Transform:
-    return T.Compose([T.RandomResizedCrop(size, scale=scale, antialias=True), ToUnitFloat(),
-                      *colour, T.RandomHorizontalFlip(), ToNormalizedRGB()])
-
-
-def moco_v2_transform(image_size: int) -> Transform:
+def moco_v2_transform(image_size: int) -> View:
     """MoCo-v2 teachers (and MLP-head MoCo): crop 0.2-1, MoCo-v2 colour ops, flip."""
-    return _view(image_size, MOCO_SCALE, _mocov2_colour(image_size))
+    return _mocov2_view(image_size, MOCO_SCALE)
 
 
-def moco_v1_transform(image_size: int) -> Transform:
-    """MoCo-v1 teachers: crop 0.2-1, grayscale p = 0.2, jitter 0.4/0.4/0.4/0.4 always, flip."""
-    return _view(image_size, MOCO_SCALE, _mocov1_colour())
+def moco_v1_transform(image_size: int) -> View:
+    """MoCo-v1 (InstDisc) teachers: crop 0.2-1, grayscale p = 0.2 first, then jitter
+    0.4/0.4/0.4/0.4 every time, no blur, flip."""
+    return View(image_size, MOCO_SCALE, MOCO_V1_JITTER, jitter_p=1.0, gray_p=0.2,
+                gray_first=True)
 
 
-def simclr_transform(image_size: int) -> Transform:
+def simclr_transform(image_size: int) -> View:
     """SimCLR teachers, as SEED's code does it: the MoCo-v1 recipe (no blur, jitter always)."""
     return moco_v1_transform(image_size)
 
 
-def swav_transform(image_size: int) -> Transform:
+def swav_transform(image_size: int) -> View:
     """SwAV teachers: crop 0.14-1, then MoCo-v2's colour ops (SEED does not use SwAV's
     strengthened 0.8/0.8/0.8/0.2 jitter), flip."""
-    return _view(image_size, SWAV_SCALE, _mocov2_colour(image_size))
+    return _mocov2_view(image_size, SWAV_SCALE)
 
 
-def small_patch_transform(patch_size: int) -> Transform:
+def small_patch_transform(patch_size: int) -> View:
     """SEED's small patches (SwAV teachers' multi-crop): crop 0.05-0.14 to `patch_size` (96 px
     at 224), then the SwAV recipe's colour ops, flip."""
-    return _view(patch_size, SMALL_PATCH_SCALE, _mocov2_colour(patch_size))
+    return _mocov2_view(patch_size, SMALL_PATCH_SCALE)
 
 
 # recipe name -> builder; the teacher format decides which one distillation uses
-RECIPES: dict[str, Callable[[int], Transform]] = {
+RECIPES: dict[str, Callable[[int], View]] = {
     "moco_v2": moco_v2_transform,
     "moco_v1": moco_v1_transform,
     "simclr": simclr_transform,
@@ -116,28 +354,40 @@ RECIPES: dict[str, Callable[[int], Transform]] = {
 }
 
 
-def ssl_transform(recipe: str, image_size: int) -> Transform:
-    """The distillation view of recipe `recipe` (a key of `RECIPES`) at `image_size`."""
+def ssl_transform(recipe: str, image_size: int) -> View:
+    """The whole CPU view of recipe `recipe` (a key of `RECIPES`) at `image_size`: crop, colour,
+    blur and flip. Returns `uint8 (3, S, S)`, to be normalised on the device
+    (`seed_core.precision.to_device`)."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown augmentation recipe {recipe!r}; known: {sorted(RECIPES)}")
     return RECIPES[recipe](image_size)
 
 
-def eval_transform(image_size: int) -> Transform:
+class EvalTransform:
     """Resize + centre crop (ratio 0.875, as MoCo's val) from 96 px up; plain resize below,
-    where a centre crop would cut most of a 28-32 px object."""
-    if image_size >= 96:
-        resize = [T.Resize(int(round(image_size / 0.875)), antialias=True),
-                  T.CenterCrop(image_size)]
-    else:
-        resize = [T.Resize((image_size, image_size), antialias=True)]
-    return T.Compose([*resize, ToUnitFloat(), ToNormalizedRGB()])
+    where a centre crop would cut most of a 28-32 px object. Returns `uint8 (3, S, S)`."""
+
+    def __init__(self, image_size: int) -> None:
+        self.size = image_size
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        pixels = to_tensor(image)
+        if self.size >= 96:
+            pixels = TF.center_crop(TF.resize(pixels, int(round(self.size / 0.875)),
+                                              antialias=True), [self.size, self.size])
+        else:
+            pixels = TF.resize(pixels, [self.size, self.size], antialias=True)
+        return to_uint8_rgb(pixels)
 
 
-def linear_train_transform(image_size: int) -> Transform:
+def eval_transform(image_size: int) -> EvalTransform:
+    """The evaluation view at `image_size` (`EvalTransform`): `uint8 (3, S, S)`."""
+    return EvalTransform(image_size)
+
+
+def linear_train_transform(image_size: int) -> View:
     """MoCo linear-evaluation training view: RandomResizedCrop (0.08-1) + flip."""
-    return T.Compose([T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip(),
-                      ToUnitFloat(), ToNormalizedRGB()])
+    return View(image_size, LINEAR_SCALE)
 
 
 class MultiView:
@@ -146,5 +396,6 @@ class MultiView:
     def __init__(self, transforms: Sequence[Transform]) -> None:
         self.transforms = list(transforms)
 
-    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, image: Image.Image | torch.Tensor) -> list[torch.Tensor]:
+        image = to_tensor(image)  # once, not per view
         return [t(image) for t in self.transforms]

@@ -1,5 +1,9 @@
 """Choosing the kNN hyper-parameters (k, T) on the holdout split, so the test split is scored once
-with values it never influenced. The linear probe's lr is chosen the same way in `linear`.
+with values it never influenced. The linear probe's lr is chosen on the same split in `linear`.
+
+The configured (knn.k, knn.temperature) is kept unless the grid's best pair beats it on the
+holdout by a paired test (one-sided McNemar, p < `SELECT_ALPHA`): a pair that wins by three
+holdout images in a thousand is noise, not evidence.
 """
 
 from __future__ import annotations
@@ -12,8 +16,11 @@ import torch
 
 from seed_core.evaluation.knn import knn_neighbors, knn_vote
 from seed_core.evaluation.splits import grid_edge
+from seed_core.evaluation.stats import mcnemar
 
 log = logging.getLogger(__name__)
+
+SELECT_ALPHA = 0.05  # the holdout evidence needed to leave the configured (k, T)
 
 
 def knn_grid(k: int, temperature: float, sweep_k: Sequence[int],
@@ -45,6 +52,8 @@ class KnnSelection:
     configured: tuple[int, float]  # knn.k, knn.temperature
     k_edge: str | None  # "lowest" / "highest" when k sits at an end of the k grid
     temperature_edge: str | None
+    best: tuple[int, float]  # the grid's best pair on the holdout (ties: configured first)
+    p_value: float | None  # one-sided McNemar, best vs configured; None when they are one
 
     @property
     def is_configured(self) -> bool:
@@ -56,12 +65,12 @@ def select_knn(fit_features: torch.Tensor, fit_labels: torch.Tensor,
                holdout_features: torch.Tensor, holdout_labels: torch.Tensor,
                ks: Sequence[int], temperatures: Sequence[float], configured: tuple[int, float],
                num_classes: int) -> KnnSelection:
-    """Score every (k, T) of the grid on the holdout (the fit part of train as the bank) and keep
-    the best top-1.
+    """Score every (k, T) of the grid on the holdout (the fit part of train as the bank); keep the
+    configured pair unless the best one beats it significantly (module docstring).
 
-    Ties (equal numbers of correct holdout samples) go to the configured (knn.k, knn.temperature)
-    when it is among them, so the selection moves away from the usual headline values only on
-    evidence; otherwise to the first tied pair in grid order (smallest k, then smallest T).
+    The best pair is the one with the most correct holdout samples; ties go to the configured
+    pair when it is among them, otherwise to the first tied pair in grid order (smallest k, then
+    smallest T).
 
     Args:
         fit_features: bank `(N, F)`; fit_labels `(N,)`.
@@ -78,19 +87,27 @@ def select_knn(fit_features: torch.Tensor, fit_labels: torch.Tensor,
     sims, idx = knn_neighbors(fit_features, holdout_features, max(ks))
     neighbor_labels = fit_labels.to(idx.device)[idx]
     truth = holdout_labels.to(idx.device)
-    correct: dict[tuple[int, float], int] = {}
+    correct: dict[tuple[int, float], torch.Tensor] = {}
     for k in ks:
         for t in temperatures:
             scores = knn_vote(sims[:, :k], neighbor_labels[:, :k], t, num_classes)
-            correct[(k, t)] = int((scores.argmax(dim=1) == truth).sum())
-    best = max(correct.values())
-    tied = [pair for pair in correct if correct[pair] == best]  # grid order: k, then T
-    chosen = configured if configured in tied else tied[0]
+            correct[(k, t)] = (scores.argmax(dim=1) == truth).cpu()
+    counts = {pair: int(c.sum()) for pair, c in correct.items()}
+    top = max(counts.values())
+    tied = [pair for pair in counts if counts[pair] == top]  # grid order: k, then T
+    best = configured if configured in tied else tied[0]
+    p_value = None
+    chosen = configured
+    if best != configured:
+        p_value = mcnemar(correct[best].numpy(), correct[configured].numpy(),
+                          alternative="greater").p_value
+        chosen = best if p_value < SELECT_ALPHA else configured
     n = holdout_labels.numel()
-    return KnnSelection(k=chosen[0], temperature=chosen[1], top1=100.0 * best / n,
-                        grid_top1={pair: 100.0 * c / n for pair, c in correct.items()},
+    return KnnSelection(k=chosen[0], temperature=chosen[1], top1=100.0 * counts[chosen] / n,
+                        grid_top1={pair: 100.0 * c / n for pair, c in counts.items()},
                         configured=configured, k_edge=grid_edge(chosen[0], ks),
-                        temperature_edge=grid_edge(chosen[1], temperatures))
+                        temperature_edge=grid_edge(chosen[1], temperatures), best=best,
+                        p_value=p_value)
 
 
 def grid_key(k: int, temperature: float) -> str:

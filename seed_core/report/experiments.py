@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from seed_core.io import read_json, splice_section, write_json
+from seed_core.report.tables import p_label
 
 BEGIN, END = "<!-- experiments: begin -->", "<!-- experiments: end -->"
 MODELS = ("teacher", "baseline", "student")
@@ -90,7 +91,8 @@ def _gain(row: Mapping[str, Any], protocol: str) -> str:
     if not isinstance(test.get("difference"), (int, float)):
         return "–"
     p = test.get("p_value")
-    p_text = f"p={p:.1e}" if isinstance(p, float) and p < 1e-3 else f"p={p:.3f}"
+    label = p_label(p) if isinstance(p, (int, float)) else "–"
+    p_text = f"p {label}" if label.startswith("<") else f"p={label}"
     return f"{test['difference']:+.2f} ({p_text})"
 
 

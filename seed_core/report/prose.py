@@ -200,8 +200,10 @@ def selection_paragraph(knn: Mapping[str, Mapping[str, Any]],
         hold = knn[tuned[0]].get("holdout", {})
         grid = (f" from k ∈ {_grid(hold['grid_k'])} × T ∈ {_grid(hold['grid_temperature'])}"
                 if "grid_k" in hold and "grid_temperature" in hold else "")
-        out.append(f"kNN k and T were chosen per model on {split}{grid}, ties going to the "
-                   f"configured knn.k and knn.temperature: "
+        rule = ("the configured knn.k and knn.temperature kept unless the best pair beat them "
+                "by a one-sided McNemar test on the holdout (p < 0.05)"
+                if "rule" in hold else "ties going to the configured knn.k and knn.temperature")
+        out.append(f"kNN k and T were chosen per model on {split}{grid}, {rule}: "
                    + "; ".join(f"{NAMES[m]} {knn_label(knn[m])}" for m in tuned) + ".")
     if fixed:
         out.append(f"kNN used the configured k and T, not tuned, for {_models_phrase(fixed)}.")

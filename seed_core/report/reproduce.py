@@ -12,9 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from seed_core.evaluation.stats import ALPHA, seed_spread
+from seed_core.evaluation.stats import ALPHA, mean_interval, seed_spread
 from seed_core.io import read_json
 from seed_core.report.comparisons import compare_files, seed_tests
+from seed_core.report.tables import gap_recovery
 
 METHODS = ("baseline", "seed")
 PROTOCOL_OF = {"knn_top1": "knn", "linear_top1": "linear"}
@@ -76,20 +77,32 @@ def check_goals(result: Mapping[str, Any], sizes: Mapping[str, int]) -> dict[str
     teacher_wins = all(t["difference"] > 0 and t["p_value"] < ALPHA
                        for entry in students.values() for metric in PROTOCOL_OF
                        for t in entry["teacher_vs_seed"][metric])
+    counts = {metric: {"better": sum(t["difference"] > 0 and t["p_value"] < ALPHA
+                                     for e in students.values() for t in e["paired"][metric]),
+                       "worse": sum(t["difference"] < 0 and t["p_value"] < ALPHA
+                                    for e in students.values() for t in e["paired"][metric]),
+                       "runs": sum(len(e["paired"][metric]) for e in students.values())}
+              for metric in PROTOCOL_OF}
     smallest = min(students, key=lambda arch: sizes[arch])
     entry = students[smallest]
-    recovery = {}
+    recovery, interval = {}, {}
     for metric in PROTOCOL_OF:
         base, seed = mean(entry["baseline"][metric]), mean(entry["seed"][metric])
         gap = teacher[metric] - base
         recovery[metric] = (seed - base) / gap if gap > 0 else None
+        # the spread of the per-seed recoveries, each against its own seed's baseline
+        _, low, high = mean_interval(gap_recovery(entry["seed"][metric],
+                                                  entry["baseline"][metric], teacher[metric]))
+        interval[metric] = [low, high] if gap > 0 and low is not None else None
     return {
         "seed_beats_baseline_significantly_every_seed": beats,
         "mean_gain": gains, "mean_gain_goal": GAIN_GOAL,
         "mean_gain_met": all(g >= GAIN_GOAL for g in gains.values()),
         "teacher_beats_every_student_significantly": teacher_wins,
         "smallest_student": smallest, "smallest_params_millions": round(sizes[smallest] / 1e6, 3),
-        "smallest_recovers": recovery, "recovery_goal": RECOVERY_GOAL,
+        "seed_vs_baseline_runs": counts,
+        "smallest_recovers": recovery, "smallest_recovers_95ci_over_seeds": interval,
+        "recovery_goal": RECOVERY_GOAL,
         "recovery_met": all(r is not None and r >= RECOVERY_GOAL for r in recovery.values()),
     }
 

@@ -7,7 +7,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 from seed_core.evaluation.splits import grid_edge
-from seed_core.evaluation.stats import ALPHA, seed_spread
+from seed_core.evaluation.stats import ALPHA, mean_interval, seed_spread
 
 MODELS = ("teacher", "baseline", "student")
 ROW_NAMES = {"teacher": "Teacher", "baseline": "Baseline (no distillation)", "student": "SEED"}
@@ -117,6 +117,11 @@ def knn_label(metrics: Mapping[str, Any]) -> str:
     edges = [f"{what} {hold[key]} of its grid" for what, key in (("k", "k_edge"),
                                                                   ("T", "temperature_edge"))
              if hold.get(key)]
+    best, p_value = hold.get("best"), hold.get("best_p_value")
+    if best and p_value is not None and best != f"k{k}_T{t:g}":
+        best_k, best_t = best[1:].split("_T")
+        edges.append(f"the holdout's best, k={best_k}, T={best_t}, was not significantly "
+                     f"better: p = {p_value:.2g}")
     return f"k={k}, T={t:g}" + (f" ({'; '.join(edges)})" if edges else "")
 
 
@@ -163,8 +168,11 @@ PAIR_NAMES = {"teacher_vs_student": "teacher − SEED", "student_vs_baseline": "
 
 
 def p_label(p: float) -> str:
-    """A p-value as a reader wants it: 3 significant digits, `< 1e-10` below that."""
-    return "< 1e-10" if p < 1e-10 else f"{p:.3g}"
+    """A p-value as a reader wants it: 3 significant digits, 2 in scientific notation below 1e-3,
+    and `< 1e-300` for what the float range cannot hold (an underflow to 0 is not p = 0)."""
+    if p < 1e-300:
+        return "< 1e-300"
+    return f"{p:.1e}" if p < 1e-3 else f"{p:.3g}"
 
 
 def signed(value: float, digits: int = 2) -> str:
@@ -208,17 +216,35 @@ def per_seed_label(values: Sequence[float]) -> str:
 
 
 def seed_test_label(tests: Sequence[Mapping[str, Any]] | None) -> str:
-    """Per-seed McNemar tests of SEED against its baseline: `p ≤ max over seeds (k/n seeds
-    significant)`."""
+    """Per-seed McNemar tests of SEED against its baseline, counted both ways: `2 better, 1 worse
+    (p 0.039), 0 not significant, of 3 seeds`. A significantly worse seed is never folded into
+    the others."""
     if not tests:
         return "–"
-    worst = max(t["p_value"] for t in tests)
-    significant = sum(t["p_value"] < ALPHA and t["difference"] > 0 for t in tests)
-    return f"max p {p_label(worst)} ({significant}/{len(tests)} seeds significant)"
+    better = [t for t in tests if t["p_value"] < ALPHA and t["difference"] > 0]
+    worse = [t for t in tests if t["p_value"] < ALPHA and t["difference"] < 0]
+    unclear = len(tests) - len(better) - len(worse)
+    worst = f" (max p {p_label(max(t['p_value'] for t in better))})" if better else ""
+    reversed_ = (f" (p {', '.join(p_label(t['p_value']) for t in worse)})" if worse else "")
+    return (f"{len(better)} better{worst}, {len(worse)} worse{reversed_}, {unclear} not "
+            f"significant, of {len(tests)} seeds")
 
 
 # the smallest teacher-over-baseline gap whose share `seeds_table` reports
 MIN_GAP_POINTS = 1.0
+
+
+def gap_recovery(seed_values: Sequence[float], baseline_values: Sequence[float],
+                 teacher: float) -> list[float]:
+    """Per seed, the share of that seed's baseline-to-teacher gap its SEED student closes."""
+    return [(s - b) / (teacher - b) for s, b in zip(seed_values, baseline_values)]
+
+
+def recovery_label(seed_values: Sequence[float], baseline_values: Sequence[float],
+                   teacher: float) -> str:
+    """`70% [58, 82]`: the mean per-seed gap recovery and its 95% t-interval over seeds."""
+    mean, low, high = mean_interval(gap_recovery(seed_values, baseline_values, teacher))
+    return f"{100 * mean:.0f}%" + ("" if low is None else f" [{100 * low:.0f}, {100 * high:.0f}]")
 
 
 def seeds_table(reproduce: Mapping[str, Any]) -> str:
@@ -231,7 +257,8 @@ def seeds_table(reproduce: Mapping[str, Any]) -> str:
     """
     teacher = reproduce.get("teacher", {})
     lines = ["| Student | Metric | SEED per seed | SEED mean ± std | Baseline per seed | "
-             "Baseline mean ± std | Gain (points) | Gap recovered | Paired tests |",
+             "Baseline mean ± std | Gain (points) | Gap recovered [95% CI over seeds] | "
+             "Paired tests (SEED vs baseline, per seed) |",
              "|---|---|--:|--:|--:|--:|--:|--:|---|"]
     for arch, runs in reproduce.get("students", {}).items():
         for metric, label in METRICS.items():
@@ -240,7 +267,8 @@ def seeds_table(reproduce: Mapping[str, Any]) -> str:
             t = teacher.get(metric)
             gap = (t - seed_spread(base_v).mean) if isinstance(t, (int, float)) else None
             # a share of a gap under a point is noise over noise (938% was printed once)
-            recovered = (f"{100 * gain / gap:.0f}%" if gap is not None and gap >= MIN_GAP_POINTS
+            recovered = (recovery_label(seed_v, base_v, t)
+                         if gap is not None and gap >= MIN_GAP_POINTS
                          else f"– (teacher − baseline {signed(gap)})" if gap is not None
                          else "–")
             lines.append(f"| {arch} | {label} | {per_seed_label(seed_v)} | {spread_label(seed_v)} "

@@ -16,7 +16,8 @@ from torch import nn
 from seed_core import distributed
 from seed_core.codemap import stage_source_files
 from seed_core.config import ConfigError
-from seed_core.data.loader import check_bad_fraction, log_bad, training_batches
+from seed_core.data.loader import (check_bad_fraction, check_same_manifest, log_bad,
+                                   training_batches)
 from seed_core.data.shardset import MANIFEST_NAME, ShardSet
 from seed_core.io import atomic_dir, sha256_file
 from seed_core.models.encoder import Encoder
@@ -27,7 +28,7 @@ from seed_core.train.curves import StepLog
 from seed_core.train.loop import StepTimes, run_steps
 from seed_core.train.resume import (CheckpointStore, Position, fingerprint, rng_state,
                                     set_rng_state, source_digest)
-from seed_core.train.schedule import Schedule, build_sgd, cosine_with_warmup
+from seed_core.train.schedule import Schedule, build_sgd
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,20 @@ def per_rank_batch(global_batch: int, world_size: int, key: str) -> int:
     return global_batch // world_size
 
 
+def place_module(module: nn.Module, runtime: distributed.Runtime, sync_bn: bool = True
+                 ) -> nn.Module:
+    """`module` on this rank's device in channels-last memory, with BatchNorm over the global
+    batch when several ranks run and `sync_bn`."""
+    if runtime.world_size > 1 and sync_bn:
+        module = distributed.convert_sync_batchnorm(module, runtime.device)
+    return channels_last(module.to(runtime.device))
+
+
 def place(encoder: Encoder, runtime: distributed.Runtime, sync_bn: bool = True
           ) -> tuple[Encoder, nn.Module]:
-    """The encoder on this rank's device in channels-last memory (BatchNorm over the global batch
-    when several ranks run and `sync_bn`), and the module to train through: DDP-wrapped when
+    """The encoder placed by `place_module`, and the module to train through: DDP-wrapped when
     several ranks run."""
-    if runtime.world_size > 1 and sync_bn:
-        encoder = distributed.convert_sync_batchnorm(encoder, runtime.device)
-    encoder = channels_last(encoder.to(runtime.device))
+    encoder = place_module(encoder, runtime, sync_bn)
     return encoder, distributed.wrap_ddp(encoder, runtime, sync_bn=sync_bn)
 
 
@@ -101,9 +108,8 @@ class TrainingRun:
     def __post_init__(self) -> None:
         self.optimizer = build_sgd(self.trainable, self.schedule.lr, self.schedule.momentum,
                                    self.schedule.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, cosine_with_warmup(self.schedule.total_steps,
-                                               self.schedule.warmup_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           self.schedule.multiplier())
         self.scaler = (torch.amp.GradScaler("cuda")
                        if uses_grad_scaler(self.runtime.device, self.precision) else None)
 
@@ -187,6 +193,7 @@ class TrainingRun:
         """Restore if possible, then train to the end of the schedule. Returns steps run."""
         start = self.restore()
         rt, schedule = self.runtime, self.schedule
+        check_same_manifest(shards, distributed.all_gather_objects)  # before any rank trains
         loader = training_batches(
             shards, transform, per_rank_batch(schedule.global_batch, rt.world_size, "batch_size"),
             seed=seed, rank=rt.rank, world_size=rt.world_size, start=(start.epoch, start.step),

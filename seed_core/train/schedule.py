@@ -1,5 +1,13 @@
-"""The optimiser and learning-rate schedule MoCo and SEED share: SGD, the linear scaling rule,
-linear warm-up then a half cosine."""
+"""The optimiser and learning-rate schedules of MoCo and SEED: SGD, the linear scaling rule, and
+either of two schedules:
+
+- `warmup_cosine` (this project's default): per step, a linear warm-up from ~0 over
+  `warmup_epochs`, then half a cosine from the warm-up's end down to 0;
+- `seed` (SEED's released `adjust_learning_rate`): per epoch, the base rate held constant for the
+  warm-up epochs, then `0.5 * (1 + cos(pi * epoch / epochs))` of it, counted from epoch 0 (so
+  the first epoch after the warm-up already starts below the base rate, and the last epoch is
+  not at 0).
+"""
 
 from __future__ import annotations
 
@@ -28,6 +36,17 @@ def cosine_with_warmup(total_steps: int, warmup_steps: int) -> Callable[[int], f
     return factor
 
 
+def seed_released(epochs: int, steps_per_epoch: int, warmup_epochs: float
+                  ) -> Callable[[int], float]:
+    """LR multiplier per step of SEED's released schedule (module docstring)."""
+    def factor(step: int) -> float:
+        epoch = step // steps_per_epoch
+        if epoch < warmup_epochs:
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
+    return factor
+
+
 def build_sgd(model: torch.nn.Module, lr: float, momentum: float,
               weight_decay: float) -> torch.optim.SGD:
     """SGD over the trainable parameters; weight decay on all of them, as MoCo and SEED do."""
@@ -44,6 +63,13 @@ class Schedule:
     momentum: float
     weight_decay: float
     warmup_epochs: float
+    kind: str = "warmup_cosine"  # or "seed" (module docstring)
+
+    def multiplier(self) -> Callable[[int], float]:
+        """The LR multiplier per global step."""
+        if self.kind == "seed":
+            return seed_released(self.epochs, self.steps_per_epoch, self.warmup_epochs)
+        return cosine_with_warmup(self.total_steps, self.warmup_steps)
 
     @property
     def total_steps(self) -> int:
@@ -62,4 +88,5 @@ def schedule_for(cfg: Any, epochs: int, shards: Any) -> Schedule:
     """The schedule of a `pretrain` or `distill` params section over `shards` (a `ShardSet`);
     fails naming the numbers when the data cannot fill one global batch."""
     return Schedule(epochs, steps_per_epoch(shards, cfg.batch_size), cfg.batch_size, cfg.lr,
-                    cfg.momentum, cfg.weight_decay, cfg.warmup_epochs)
+                    cfg.momentum, cfg.weight_decay, cfg.warmup_epochs,
+                    getattr(cfg, "lr_schedule", "warmup_cosine"))
