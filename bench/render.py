@@ -185,13 +185,13 @@ def recipes_section(loader: Mapping[str, Any]) -> list[str]:
                      fmt(row["new"]["cores_for_3000_img_per_s"], 1),
                      fmt(row["new"]["cores_for_10000_img_per_s"], 1),
                      fmt(on_device["cores_for_10000_img_per_s"], 1) if on_device else "–"])
-    return ([f"**Augmentation per core** (`bench/bench_loader.py`: one process, one thread, "
-             f"ms per sample of decode + the recipe's whole CPU view, on 500×375 JPEGs cut from "
-             f"real photos; 805c760's torchvision recipe on float tensors against today's; "
-             f"goal ≥ 3× per core). The columns with colour on the GPU time the CPU part that "
-             f"would remain (decode, crop, flip) if `seed_core.data.device_augment`'s batched "
-             f"colour and blur ran on the device: that module is tested against the CPU ops but "
-             f"not yet wired into the stages.", ""]
+    return (["**Augmentation per core** (`bench/bench_loader.py`: one process, one thread, "
+             "ms per sample of decode + the recipe's whole CPU view, on 500×375 JPEGs cut from "
+             "real photos; 805c760's torchvision recipe on float tensors against today's; "
+             "goal ≥ 3× per core). The columns with colour on the GPU time the CPU part that "
+             "would remain (decode, crop, flip) if `seed_core.data.device_augment`'s batched "
+             "colour and blur ran on the device: that module is tested against the CPU ops but "
+             "not yet wired into the stages.", ""]
             + table(["recipe", "805c760 ms", "now ms", "speed-up", "speed-up, colour and "
                      "blur on the GPU", "cores per GPU at 3,000 img/s", "at 10,000 img/s",
                      "at 10,000, colour on the GPU"], rows))

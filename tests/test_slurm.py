@@ -23,16 +23,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from conftest import free_port, write_tiny_shards
 from seed_core.cluster import batch_script, parse_fields, task_env, wait_for_job
 from seed_core.config import ConfigError, LaunchConfig, load_params, parse_params
-from seed_core.models.backbones import create_backbone
-from seed_core.models.heads import build_head, mlp_layout
-from seed_core.teachers.canonical import save_canonical
-from test_train_stages import ENV, TINY, assert_same_training, command, outputs
+from test_train_stages import ENV, TINY, assert_same_training, command, outputs, stage_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel")
@@ -279,12 +275,7 @@ def setup(cluster, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("slurm")
     root.chmod(0o755)
     shards = write_tiny_shards(root / "shards", [30, 25, 15])
-    torch.manual_seed(0)
-    backbone = create_backbone("resnet10t")
-    head = build_head(mlp_layout(backbone.num_features, 32, 16))
-    teacher = save_canonical(root / "teacher" / "teacher.safetensors", backbone.state_dict(),
-                             head.state_dict(), {"format": "seed_distill", "arch": "resnet10t"})
-    s = {"root": root, "shards": str(shards), "teacher": teacher, "params": root / "params.yaml"}
+    s = {**stage_inputs(root, "resnet10t", TINY), "shards": str(shards)}
     write_params(s, nodes=2)
     done = subprocess.run(command(s, "distill", "reference"), env=ENV, capture_output=True,
                           text=True, timeout=300)

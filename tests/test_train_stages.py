@@ -46,18 +46,22 @@ TINY = {
 ENV = {**os.environ, "SEED_TRACKING": "0", "SEED_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
+def stage_inputs(root: Path, arch: str, params: dict) -> dict:
+    """A random-init teacher of `arch` (16-d head) and the params file, under `root`."""
+    torch.manual_seed(0)
+    backbone = create_backbone(arch)
+    head = build_head(mlp_layout(backbone.num_features, 32, 16))
+    teacher = save_canonical(root / "teacher" / "teacher.safetensors", backbone.state_dict(),
+                             head.state_dict(), {"format": "seed_distill", "arch": arch})
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return {"root": root, "teacher": teacher, "params": root / "params.yaml"}
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("train")
     shards = write_tiny_shards(root / "shards", [30, 25, 15])
-    torch.manual_seed(0)
-    backbone = create_backbone("resnet10t")
-    head = build_head(mlp_layout(backbone.num_features, 32, 16))
-    teacher = save_canonical(root / "teacher" / "teacher.safetensors", backbone.state_dict(),
-                             head.state_dict(), {"format": "seed_distill", "arch": "resnet10t"})
-    params = root / "params.yaml"
-    params.write_text(yaml.safe_dump(TINY))
-    return {"root": root, "shards": str(shards), "teacher": teacher, "params": params}
+    return {**stage_inputs(root, "resnet10t", TINY), "shards": str(shards)}
 
 
 def command(setup: dict, stage: str, name: str, nproc: int = 1, shards: str | None = None,
@@ -167,14 +171,8 @@ DEFAULT_NETWORKS = {
 @pytest.fixture(scope="module")
 def default_networks(setup) -> dict:
     root = setup["root"] / "default-networks"
-    torch.manual_seed(0)
-    backbone = create_backbone("resnet18d")
-    head = build_head(mlp_layout(backbone.num_features, 32, 16))
-    teacher = save_canonical(root / "teacher" / "teacher.safetensors", backbone.state_dict(),
-                             head.state_dict(), {"format": "seed_distill", "arch": "resnet18d"})
-    params = root / "params.yaml"
-    params.write_text(yaml.safe_dump(DEFAULT_NETWORKS))
-    return {**setup, "root": root, "teacher": teacher, "params": params}
+    root.mkdir()
+    return {**setup, **stage_inputs(root, "resnet18d", DEFAULT_NETWORKS)}
 
 
 def relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
