@@ -58,3 +58,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def converted_shards(root: Path, keys: list[str], size: tuple[int, int], seed: int) -> Path:
+    """23-row-style TSV of random grayscale PNGs (label = row % 3) through the real converter,
+    10 samples a shard; returns the shards directory under `root`."""
+    from seed_core.data.convert import convert_tsv_to_shards
+    from seed_core.data.tsv import write_tsv
+
+    rng = np.random.default_rng(seed)
+    rows = [(key, i % 3, png_bytes(rng.integers(0, 255, size, dtype=np.uint8)))
+            for i, key in enumerate(keys)]
+    write_tsv(root / "t.tsv", rows)
+    convert_tsv_to_shards(root / "t.tsv", root / "shards", shard_size=10, workers=1)
+    return root / "shards"

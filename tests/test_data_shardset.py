@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import free_port, png_bytes
+from conftest import converted_shards, free_port, png_bytes
 from seed_core.data import open_shards, train_loader
 from seed_core.data.convert import convert_tsv_to_shards
 from seed_core.data.shardset import (INDEX_NAME, INDEX_SUFFIX, MAX_MEMBER_BYTES, SampleReader,
@@ -28,13 +28,8 @@ from seed_core.data.tsv import write_tsv
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("converted")
-    rng = np.random.default_rng(1)
-    rows = [(f"dir/x.{i}.png", i % 3, png_bytes(rng.integers(0, 255, (9, 7), dtype=np.uint8)))
-            for i in range(23)]
-    write_tsv(root / "t.tsv", rows)
-    convert_tsv_to_shards(root / "t.tsv", root / "shards", shard_size=10, workers=1)
-    return root / "shards"
+    return converted_shards(tmp_path_factory.mktemp("converted"),
+                            [f"dir/x.{i}.png" for i in range(23)], (9, 7), seed=1)
 
 
 def copy_dir(source: Path, target: Path) -> Path:

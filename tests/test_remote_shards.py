@@ -17,15 +17,12 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from conftest import png_bytes
+from conftest import converted_shards
 from seed_core.data import open_shards, steps_per_epoch, train_loader
-from seed_core.data.convert import convert_tsv_to_shards
 from seed_core.data.shardset import SampleReader, ShardError, ShardSet, UnverifiedWarning
 from seed_core.data.transforms import eval_transform
-from seed_core.data.tsv import write_tsv
 
 TIMEOUT_S = 1.0
 STALL_S = 3.0  # longer than the client's timeout
@@ -34,13 +31,8 @@ RETRIES = 3
 
 @pytest.fixture(scope="module")
 def local(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("remote")
-    rng = np.random.default_rng(3)
-    rows = [(f"k{i}", i % 3, png_bytes(rng.integers(0, 255, (16, 16), dtype=np.uint8)))
-            for i in range(23)]
-    write_tsv(root / "t.tsv", rows)
-    convert_tsv_to_shards(root / "t.tsv", root / "shards", shard_size=10, workers=1)
-    return root / "shards"
+    return converted_shards(tmp_path_factory.mktemp("remote"), [f"k{i}" for i in range(23)],
+                            (16, 16), seed=3)
 
 
 class FlakyServer:

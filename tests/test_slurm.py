@@ -347,6 +347,15 @@ def has_checkpoint(setup: dict, name: str) -> bool:
     return directory.is_dir() and any(directory.glob("step-*.pt.sha256"))
 
 
+def launch_to_first_checkpoint(cluster, setup: dict, name: str) -> tuple["Launch", str]:
+    """Submit the distill stage as `name` and wait until its first checkpoint is written;
+    returns the launch and its job id."""
+    launch = Launch(cluster, setup, name)
+    job = launch.job_id()
+    wait_until(lambda: has_checkpoint(setup, name), launch, "a checkpoint")
+    return launch, job
+
+
 def sleeper(setup: dict, status: int | None = None) -> list[str]:
     """A stand-in stage that says it runs, then sleeps (or exits with `status`)."""
     path = setup["root"] / "sleeper.py"
@@ -369,9 +378,7 @@ def test_two_nodes_equal_one_process(cluster, setup) -> None:
 @pytest.mark.slurm
 def test_scontrol_requeue_mid_run_resumes_to_the_same_weights(cluster, setup) -> None:
     write_params(setup, nodes=2)
-    launch = Launch(cluster, setup, "requeued")
-    job = launch.job_id()
-    wait_until(lambda: has_checkpoint(setup, "requeued"), launch, "a checkpoint")
+    launch, job = launch_to_first_checkpoint(cluster, setup, "requeued")
     cluster.slurm("scontrol", "requeue", job)
     assert launch.wait() == 0, launch.text[-4000:]
     assert "requeued (restart 1)" in launch.text and "resumed from" in launch.text
@@ -387,9 +394,7 @@ def test_a_time_limit_signals_the_job_which_requeues_itself_and_resumes(cluster,
     import psutil
 
     write_params(setup, nodes=1, time="1", signal_delay_s=50)
-    launch = Launch(cluster, setup, "time-limit")
-    job = launch.job_id()
-    wait_until(lambda: has_checkpoint(setup, "time-limit"), launch, "a checkpoint")
+    launch, job = launch_to_first_checkpoint(cluster, setup, "time-limit")
     script = str(ROOT / "stages" / "distill.py")
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = proc.info["cmdline"] or []
@@ -450,9 +455,7 @@ def test_a_lost_node_fails_the_command_within_a_minute(cluster, setup) -> None:
     import psutil
 
     write_params(setup, nodes=2)
-    launch = Launch(cluster, setup, "lost-node")
-    job = launch.job_id()
-    wait_until(lambda: has_checkpoint(setup, "lost-node"), launch, "a checkpoint")
+    launch, job = launch_to_first_checkpoint(cluster, setup, "lost-node")
     victim = next(n for n in cluster.names if n != cluster.job_state(job)["BatchHost"])
     ranks = []
     for proc in psutil.process_iter():
