@@ -6,6 +6,12 @@
   (`avx512_bf16`, `amx_bf16`); fp32 otherwise. On this project's 2-core AVX-512 BF16 CPU, bf16
   made ResNet steps 1.2-1.4x faster at 32 px and 1.7x at 224 px, but MobileNetV3's depthwise
   convolutions slower.
+- bf16 training on CPU also needs every strided convolution to see more than one pixel: in
+  torch 2.14.1 (oneDNN 3.12, this project's AVX-512 CPU) the bf16 weight gradient of a 3x3,
+  stride-2 convolution over a 1x1 input is read from uninitialised memory (relative error 0.1 to
+  1e20, or inf, and different on every run; forward and input gradient are right; fp32 is right).
+  A ResNet without `small_images` reaches a 1x1 map before layer4 at 16 px. `training_precision`
+  trains such a model in fp32 (`auto`) or refuses an explicit `bf16`.
 - channels-last (NHWC) memory for every convolutional model and its images, on any device:
   oneDNN's and cuDNN's preferred layout (1.1-1.2x for ResNets, 2.2-3.4x for MobileNetV3 on CPU).
 - images leave the loaders as uint8 and are normalised (ImageNet mean and std) on the device, in
@@ -19,8 +25,15 @@ import functools
 import re
 from pathlib import Path
 
+import logging
+from typing import Sequence
+
 import torch
 from torch import nn
+
+from seed_core.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MEMORY_FORMAT = torch.channels_last
@@ -52,6 +65,62 @@ def resolve(precision: str, device: torch.device, model: nn.Module | None = None
         return "fp16"
     depthwise = model is not None and has_depthwise_convs(model)
     return "bf16" if device.type == "cpu" and cpu_has_bf16() and not depthwise else "fp32"
+
+
+def one_pixel_strided_convs(model: nn.Module, image_size: int) -> list[str]:
+    """Names of the `Conv2d` layers of `model` with a stride and a kernel over 1 that see a
+    1x1 input when the model reads `(3, image_size, image_size)` images (module docstring).
+
+    Found by one forward pass of a blank image in eval mode, on the model's device; every module's
+    train/eval mode is restored, and no running statistic changes.
+    """
+    found: list[str] = []
+
+    def watch(name: str):
+        def hook(module: nn.Conv2d, inputs: tuple[torch.Tensor, ...]) -> None:
+            height, width = inputs[0].shape[-2:]
+            if min(height, width) == 1 and max(module.stride) > 1 and max(module.kernel_size) > 1:
+                found.append(name)
+        return hook
+
+    modes = [(m, m.training) for m in model.modules()]
+    handles = [m.register_forward_pre_hook(watch(name)) for name, m in model.named_modules()
+               if isinstance(m, nn.Conv2d)]
+    try:
+        parameter = next(model.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, training in modes:
+            module.training = training
+    return found
+
+
+def training_precision(precision: str, device: torch.device, model: nn.Module,
+                       image_sizes: Sequence[int], key: str) -> str:
+    """The concrete precision to *train* `model` in on `device`: `resolve`'s, except bf16 on CPU
+    when a strided convolution would see a 1x1 input at one of `image_sizes` (module docstring):
+    `auto` then means fp32, and an explicit `bf16` (params key `key`) is an error naming the
+    layers."""
+    concrete = resolve(precision, device, model)
+    if concrete != "bf16" or torch.device(device).type != "cpu":
+        return concrete
+    layers = sorted({name for size in image_sizes for name in one_pixel_strided_convs(model, size)})
+    if not layers:
+        return concrete
+    shown = ", ".join(layers[:4]) + (f" and {len(layers) - 4} more" if len(layers) > 4 else "")
+    why = (f"{shown} see a 1x1 input at {min(image_sizes)} px, where torch's CPU bf16 weight "
+           f"gradient of a strided convolution is garbage")
+    if precision == "bf16":
+        raise ConfigError(f"params: {key!r} = 'bf16' cannot train {type(model).__name__} on "
+                          f"CPU: {why}; use fp32 (or auto), a larger image size, or small_images: "
+                          f"true", key)
+    log.warning("training in fp32, not bf16: %s", why)
+    return "fp32"
 
 
 def autocast(device: torch.device, precision: str,

@@ -29,7 +29,7 @@ from seed_core.data.transforms import MultiView, small_patch_transform, ssl_tran
 from seed_core.io import sha256_file
 from seed_core.launch import stage
 from seed_core.models.encoder import build_encoder
-from seed_core.precision import autocast, channels_last, resolve
+from seed_core.precision import autocast, channels_last, resolve, training_precision
 from seed_core.queue import EmbeddingQueue
 from seed_core.stagekit import add_params_arguments
 from seed_core.teachers.canonical import load_canonical, resolve_canonical_file
@@ -110,8 +110,12 @@ def distill(args: argparse.Namespace, params: Params, rt: distributed.Runtime, t
     teacher_file = resolve_canonical_file(args.teacher)
 
     torch.manual_seed(cfg.seed)  # same initial student on every rank
-    student, model = place(build_encoder(params.student.arch, params.student.small_images,
-                                         embed_dim, hidden_dim=cfg.hidden_dim), rt, cfg.sync_bn)
+    encoder = build_encoder(params.student.arch, params.student.small_images, embed_dim,
+                            hidden_dim=cfg.hidden_dim)
+    view_sizes = [data.image_size] + ([small_patch_size(data, cfg)] if cfg.small_views else [])
+    precision = training_precision(cfg.precision, rt.device, encoder, view_sizes,
+                                   "distill.precision")
+    student, model = place(encoder, rt, cfg.sync_bn)
     queues = {"queue": initial_queue(params, embed_dim, args.teacher_cache, rt.device)}
     if cfg.small_views:
         small = EmbeddingQueue(cfg.queue_size, embed_dim, rt.device)
@@ -132,14 +136,14 @@ def distill(args: argparse.Namespace, params: Params, rt: distributed.Runtime, t
              "%d small view(s), %d rank(s) on %s, teacher %s, student %s", teacher_meta["arch"],
              params.student.arch, cfg.epochs, schedule.steps_per_epoch, cfg.batch_size,
              schedule.lr, cfg.queue_size, cfg.small_views, rt.world_size, rt.device,
-             resolve(cfg.precision, rt.device, teacher), resolve(cfg.precision, rt.device, student))
+             resolve(cfg.precision, rt.device, teacher), precision)
 
     def step(batch: dict, position, want_stats: bool) -> dict[str, float]:
         return seed_step(model, teacher, queues["queue"], batch["views"],
                          t_student=cfg.t_student, t_teacher=cfg.t_teacher,
                          optimizer=run.optimizer, scaler=run.scaler,
                          gather=distributed.gather_cat,
-                         amp=lambda: autocast(rt.device, cfg.precision, student),
+                         amp=lambda: autocast(rt.device, precision),
                          teacher_amp=lambda: autocast(rt.device, cfg.precision, teacher),
                          where=f"distill epoch {position.epoch} step {position.step}",
                          small_queue=queues.get("small_queue"), with_stats=want_stats)

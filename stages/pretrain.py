@@ -31,7 +31,7 @@ from seed_core.data.transforms import MultiView, moco_v2_transform
 from seed_core.io import atomic_dir, write_json
 from seed_core.launch import stage
 from seed_core.models.encoder import build_encoder
-from seed_core.precision import autocast, resolve
+from seed_core.precision import autocast, training_precision
 from seed_core.queue import EmbeddingQueue
 from seed_core.stagekit import add_params_arguments, run_times
 from seed_core.train.curves import StepLog
@@ -90,6 +90,8 @@ def pretrain(args: argparse.Namespace, params: Params, rt: distributed.Runtime,
 
     torch.manual_seed(cfg.seed)  # same initial weights and queue on every rank
     encoder = build_encoder(arch, small_images, cfg.embed_dim, hidden_dim=cfg.hidden_dim)
+    precision = training_precision(cfg.precision, rt.device, encoder, [data.image_size],
+                                   "pretrain.precision")
     # copied before the query's BatchNorms span the ranks: with shuffling BN, the key encoder
     # normalises each group of the shuffled batch on its own (seed_core.train.moco)
     key = place_module(copy.deepcopy(encoder).requires_grad_(False), rt,
@@ -110,13 +112,13 @@ def pretrain(args: argparse.Namespace, params: Params, rt: distributed.Runtime,
                       precision=cfg.precision, max_bad_fraction=data.max_bad_fraction)
     log.info("MoCo-v2 %s (%s): %d epochs x %d steps, global batch %d, lr %.4f, %d rank(s) on %s "
              "(%s)", args.target, arch, epochs, schedule.steps_per_epoch, cfg.batch_size,
-             schedule.lr, rt.world_size, rt.device, resolve(cfg.precision, rt.device, query))
+             schedule.lr, rt.world_size, rt.device, precision)
 
     def step(batch: dict, position, want_stats: bool) -> dict[str, float]:
         return moco_step(model, key, queue, batch["views"], temperature=cfg.temperature,
                          key_momentum=cfg.key_momentum, optimizer=run.optimizer,
                          scaler=run.scaler, gather=distributed.gather_cat,
-                         amp=lambda: autocast(rt.device, cfg.precision, query),
+                         amp=lambda: autocast(rt.device, precision),
                          where=f"pretrain {args.target} epoch {position.epoch} "
                                f"step {position.step}",
                          shuffle_bn_group=cfg.shuffle_bn_group,
