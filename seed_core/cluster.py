@@ -9,9 +9,11 @@ with `sbatch` and blocks until the job has ended, streaming its log:
 
 - one job of `launch.nodes` nodes x N tasks per node; each task is one rank, whose
   RANK/WORLD_SIZE/LOCAL_RANK come from SLURM (`task_env`), and MASTER_ADDR is the first node;
-- the job asks for SIGUSR1 `launch.signal_delay_s` before its time limit and requeues itself
-  on it; the stage then resumes from its last checkpoint (`distill.checkpoint_every`). SLURM's
-  own requeues (preemption, `scontrol requeue`) resume the same way, and the wait goes on;
+- the job asks for SIGUSR1 `launch.signal_delay_s` before its time limit; its batch script
+  passes it to the ranks, which write a checkpoint at their next step boundary and stop
+  (`seed_core.train.stop`), and then requeues the job, which resumes from that checkpoint.
+  SLURM's own requeues (preemption, `scontrol requeue`) send the ranks SIGTERM, which they
+  answer the same way within the cluster's KillWait; the wait goes on;
 - any other end (cancelled, failed, timed out, a lost node) fails the command within seconds,
   naming the job and its log; Ctrl-C or SIGTERM cancels the job.
 
@@ -59,8 +61,8 @@ def sbatch_directives(launch: LaunchConfig, nproc: int, job_name: str, log_path:
                f"--ntasks-per-node={nproc}", f"--output={log_path}",
                # a requeued run appends to the log of the first, so the wait streams one file
                "--open-mode=append", f"--chdir={workdir}", "--requeue",
-               # B: only the batch shell gets it; it requeues the job (the ranks are not asked
-               # to save: they resume from their last periodic checkpoint)
+               # B: only the batch shell gets it; it passes it to the ranks, which write a
+               # checkpoint and stop, then requeues the job
                f"--signal=B:USR1@{launch.signal_delay_s}"]
     optional = {"partition": launch.partition, "account": launch.account, "qos": launch.qos,
                 "time": launch.time, "mem": launch.mem, "constraint": launch.constraint,
@@ -86,10 +88,19 @@ MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 # a free port on this node, which is the first one (the rendezvous host)
 MASTER_PORT=$({py} -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
 export MASTER_ADDR MASTER_PORT PYTHONUNBUFFERED=1
+requeued=0
+saved=
 requeue() {{
   kill -0 "$task" 2>/dev/null || return 0  # the stage has ended: nothing to resume
-  echo "{PREFIX}: SIGUSR1, the time limit is near: requeueing job $SLURM_JOB_ID; the stage resumes from its last checkpoint"
-  scontrol requeue "$SLURM_JOB_ID"
+  echo "{PREFIX}: SIGUSR1, the time limit is near: the ranks write a checkpoint and stop"
+  kill -USR1 "$task"  # srun passes it to every task (seed_core.train.stop)
+  while :; do
+    wait "$task"; saved=$?
+    kill -0 "$task" 2>/dev/null || break
+  done
+  if [ "$saved" = 0 ]; then return 0; fi  # the stage finished before it saw the signal
+  echo "{PREFIX}: requeueing job $SLURM_JOB_ID; the stage resumes from that checkpoint"
+  scontrol requeue "$SLURM_JOB_ID" && requeued=1
 }}
 trap requeue USR1
 # in the background, so that the trap runs as soon as the signal arrives
@@ -99,6 +110,10 @@ while :; do
   wait "$task"; status=$?
   kill -0 "$task" 2>/dev/null || break  # a trapped signal ended `wait`, not srun: wait again
 done
+# srun ended inside the trap: its status is the one the trap saw
+if [ -n "$saved" ]; then status=$saved; fi
+# requeued: SLURM ends this run of the script itself; exiting first could record a failure
+if [ "$requeued" = 1 ]; then sleep 300; fi
 exit "$status"
 """
 

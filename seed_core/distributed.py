@@ -80,7 +80,9 @@ def setup(timeout_s: float = 1800.0, loader_workers: int = 0) -> Runtime:
     # at world size 1
     launched = world > 1 or "TORCHELASTIC_RUN_ID" in os.environ
     if launched and not is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        # on CUDA, gloo beside NCCL: the few collectives on CPU tensors (loss means, bad-sample
+        # counts, the stop check) need it; NCCL alone has no CPU backend
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
         log.info("rank %d/%d joined the %s process group on %s", dist.get_rank(), world,
                  backend, device)
@@ -112,6 +114,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if not is_initialized() or dist.get_world_size() == 1:
         return tensor
     return dist_fn.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest of the ranks' `value`s (every rank must call it)."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:

@@ -5,6 +5,7 @@ exit statuses)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,9 @@ from seed_core.config import Params, load_params
 from seed_core.io import write_json
 from seed_core.stagekit import run_times, setup_logging, tracked, user_errors
 from seed_core.tracking import Tracker
+from seed_core.train.stop import TrainingStopped
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,5 +55,9 @@ def stage(name: str, params_path: str | os.PathLike = "params.yaml",
         try:
             with tracked(name, params, runtime.is_main) as tracker:
                 yield StageContext(params, runtime, tracker)
+        except TrainingStopped as stopped:
+            # not an error to fix: SLURM's warning, a preemption or a requeue (the job resumes)
+            log.warning("%s %s", name, stopped)
+            raise SystemExit(stopped.exit_status) from None
         finally:
             distributed.cleanup()

@@ -51,6 +51,8 @@ def test_the_batch_script_asks_for_nodes_ranks_a_signal_and_requeue() -> None:
                        "--mem=64G", "--constraint=a100", "--gpus-per-task=1",
                        "--cpus-per-task=6", "--exclusive"]
     assert "trap requeue USR1" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
+    # the ranks are asked to write a checkpoint and stop before the job is requeued
+    assert script.index('kill -USR1 "$task"') < script.index('scontrol requeue "$SLURM_JOB_ID"')
     assert ("srun --kill-on-bad-exit=1 /shared/venv/bin/python -m seed_core.cluster task -- "
             "stages/distill.py --out models/student &") in script
     # unset options are left to the cluster's defaults
@@ -173,7 +175,7 @@ def _config(root: Path, names: list[str], ports: list[int], socket_path: Path) -
         AccountingStorageType=accounting_storage/none
         ReturnToService=2
         SlurmdTimeout=5
-        KillWait=2
+        KillWait=10
         OverTimeLimit=0
         MinJobAge=600
         {nodes}PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
@@ -382,6 +384,11 @@ def test_scontrol_requeue_mid_run_resumes_to_the_same_weights(cluster, setup) ->
     cluster.slurm("scontrol", "requeue", job)
     assert launch.wait() == 0, launch.text[-4000:]
     assert "requeued (restart 1)" in launch.text and "resumed from" in launch.text
+    # SLURM's SIGTERM: both ranks wrote a checkpoint at one step before they ended (KillWait)
+    stops = re.findall(r"stopped on SIGTERM with a checkpoint at (epoch \d+ step \d+)",
+                       launch.text)
+    assert len(stops) == 2 and len(set(stops)) == 1, launch.text[-4000:]
+    assert re.search(rf"resumed from \S+ at {stops[0]}", launch.text), launch.text[-4000:]
     assert cluster.job_state(job)["Restarts"] == "1"
     assert_same_training(outputs(setup, "requeued"), setup["reference"], exact=False)
 
@@ -389,20 +396,30 @@ def test_scontrol_requeue_mid_run_resumes_to_the_same_weights(cluster, setup) ->
 @pytest.mark.slurm
 def test_a_time_limit_signals_the_job_which_requeues_itself_and_resumes(cluster, setup) -> None:
     """`--time=1` (SLURM's least) and SIGUSR1 50 s before it: SLURM's 30 s timer sends it 10 to
-    40 s into the run. The ranks are held (SIGSTOP) after their first checkpoint, so that the
-    signal surely finds them unfinished, as a long run would be."""
+    40 s into the run. The ranks are held (SIGSTOP) after their first checkpoint until the batch
+    script has the signal, so that it surely finds them unfinished, as a long run would be; the
+    script passes it on, the rank writes a checkpoint where it stands and stops, and the job
+    requeues itself and resumes there."""
     import psutil
 
     write_params(setup, nodes=1, time="1", signal_delay_s=50)
     launch, job = launch_to_first_checkpoint(cluster, setup, "time-limit")
     script = str(ROOT / "stages" / "distill.py")
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        if cmdline[1:2] == [script] and any("time-limit" in a for a in cmdline):
-            proc.suspend()  # the rank and its loader worker (not srun, not the waiting side)
+    held = [proc for proc in psutil.process_iter(["cmdline"])
+            if (proc.info["cmdline"] or [])[1:2] == [script]
+            and any("time-limit" in a for a in proc.info["cmdline"])]
+    for proc in held:
+        proc.suspend()  # the rank and its loader worker (not srun, not the waiting side)
+    wait_until(lambda: "SIGUSR1, the time limit is near" in launch.text, launch, "SIGUSR1",
+               timeout=90)
+    for proc in held:
+        proc.resume()
     assert launch.wait() == 0, launch.text[-4000:]
-    assert "SIGUSR1, the time limit is near: requeueing" in launch.text
-    assert "resumed from" in launch.text, launch.text
+    stopped = re.search(r"stopped on SIGUSR1 with a checkpoint at (epoch \d+ step \d+)",
+                        launch.text)
+    assert stopped, launch.text[-4000:]
+    assert "requeueing job" in launch.text
+    assert re.search(rf"resumed from \S+ at {stopped.group(1)}", launch.text), launch.text[-4000:]
     assert int(cluster.job_state(job)["Restarts"]) >= 1
     # 1 process resumed vs 1 process uninterrupted: bit for bit
     assert_same_training(outputs(setup, "time-limit"), setup["reference"], exact=True)
@@ -480,9 +497,10 @@ def test_a_lost_node_fails_the_command_within_a_minute(cluster, setup) -> None:
         # SLURM requeues a job whose node died (after SlurmdTimeout): the wait cancels it
         assert f"slurm job {job} (log: " in launch.text, launch.text[-3000:]
         assert f"lost node(s) {victim}" in launch.text, launch.text[-3000:]
-        assert cluster.job_state(job)["JobState"] == "CANCELLED"
     finally:  # the node comes back for whatever runs next
         cluster.start_node(victim)
         time.sleep(1)
         cluster.slurm("scontrol", "update", f"nodename={victim}", "state=resume")
         cluster.wait_idle()
+    # the wait cancelled it (the job stays COMPLETING until the lost node is back to confirm)
+    assert cluster.job_state(job)["JobState"] == "CANCELLED"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -336,6 +337,61 @@ def test_kill_anywhere_then_resume_gives_the_same_weights_and_curves(setup, refe
     assert_same_training(outputs(setup, name), reference[stage], exact=True)
     assert not list((setup["root"] / name / "ckpt").iterdir())  # temporaries cleaned up too
     assert "resumed from" in resumed.stderr or fault is kill_while_writing_a_checkpoint
+
+
+def stage_ranks(process: subprocess.Popen) -> dict[str, "psutil.Process"]:
+    """The stage's rank processes by RANK: the process itself when it is one, else torchrun's
+    children that run the stage (their loader workers share the command line but are the
+    ranks' children)."""
+    import psutil
+
+    launcher = psutil.Process(process.pid)
+    if "torch.distributed.run" not in " ".join(launcher.cmdline()):
+        return {"0": launcher}
+    ranks = {}
+    for child in launcher.children():
+        try:
+            if "distill.py" in " ".join(child.cmdline()):
+                ranks[child.environ()["RANK"]] = child
+        except psutil.Error:
+            pass
+    return ranks
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("signum,nproc", [(signal.SIGUSR1, 1), (signal.SIGTERM, 2)])
+def test_a_stop_signal_checkpoints_where_it_stops_and_the_rerun_resumes_there(
+        setup, reference, signum, nproc) -> None:
+    """What SLURM sends before a time limit (SIGUSR1, passed on by the batch script) and on
+    preemption or requeue (SIGTERM). With two ranks only rank 1 gets it: both must stop at the
+    same step. The ranks are held (SIGSTOP) while it is sent, so that it surely finds them
+    unfinished, as it would a long run."""
+    name = f"distill-stop-{signal.Signals(signum).name}-{nproc}"
+    process = subprocess.Popen(command(setup, "distill", name, nproc=nproc), env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(checkpoints(setup, name)) >= 1, process)
+    ranks = stage_ranks(process)
+    assert sorted(ranks) == [str(r) for r in range(nproc)]
+    for rank in ranks.values():
+        rank.suspend()
+    ranks[str(nproc - 1)].send_signal(signum)
+    for rank in ranks.values():
+        rank.resume()
+    _, stderr = process.communicate(timeout=120)
+    if nproc == 1:
+        assert process.returncode == 128 + signum  # as if the signal had ended it
+    else:
+        assert process.returncode != 0
+    found = re.findall(rf"stopped on {signal.Signals(signum).name} with a checkpoint at epoch "
+                       rf"(\d+) step (\d+)", stderr)
+    assert len(found) == nproc and len(set(found)) == 1, stderr[-3000:]  # every rank, one step
+    epoch, step = map(int, found[0])
+    newest = checkpoints(setup, name)[-1]
+    assert newest.name == f"step-{epoch * 4 + step:08d}.pt.sha256"  # 4 steps per epoch
+    assert not (setup["root"] / name / "model").exists()
+    resumed = run(command(setup, "distill", name, nproc=nproc))
+    assert f"at epoch {epoch} step {step}" in resumed.stderr and "resumed from" in resumed.stderr
+    assert_same_training(outputs(setup, name), reference["distill"], exact=nproc == 1)
 
 
 @pytest.mark.faults

@@ -34,6 +34,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import signal
 import socket
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -259,6 +260,15 @@ class Loader(DataLoader):
             n += 1
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker outlives SIGTERM and SIGUSR1: SLURM sends them to every process of a job,
+    and the rank that owns the worker stops at its next step boundary with a checkpoint
+    (`seed_core.train.stop`); a worker that died first would fail that rank's next batch. The
+    worker still ends with its rank."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def _data_loader(dataset: Dataset, sampler: Sampler, collate: Callable, workers: int,
                  timeout: float, waiting: Callable[[int], str]) -> Loader:
     # a private generator: creating the loader's iterator must not draw from the global RNG;
@@ -267,7 +277,8 @@ def _data_loader(dataset: Dataset, sampler: Sampler, collate: Callable, workers:
                   prefetch_factor=4 if workers else None, persistent_workers=False,
                   generator=torch.Generator().manual_seed(0),
                   pin_memory=torch.cuda.is_available(),
-                  timeout=timeout if workers else 0, waiting=waiting)
+                  timeout=timeout if workers else 0, waiting=waiting,
+                  worker_init_fn=_ignore_stop_signals if workers else None)
 
 
 def training_batches(shards: ShardSet, transform: Transform, batch_size: int, *, seed: int,

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable
 
 from seed_core.progress import progress
 from seed_core.train.resume import Position
+from seed_core.train.stop import TrainingStopped
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,16 @@ def run_steps(*, start: Position, total_steps: int, steps_per_epoch: int,
               on_log: Callable[[int, Position, dict[str, float]], None],
               checkpoint_every: int | None = None,
               on_checkpoint: Callable[[Position], None] | None = None,
-              on_epoch_end: Callable[[int], None] | None = None, desc: str = "train") -> int:
+              on_epoch_end: Callable[[int], None] | None = None,
+              stop_signal: Callable[[], int] | None = None, desc: str = "train") -> int:
     """Run `step(batch, position, want_stats)` from `start` to `total_steps`.
 
     The scheduler advances once per step; `on_log(global_step, position, metrics)` gets every
     `log_every`-th step and the last, with `data_seconds` and `step_seconds` (means since the
     previous log); `on_checkpoint(next_position)` runs every `checkpoint_every` steps and
-    `on_epoch_end(epoch)` after each epoch's last step.
+    `on_epoch_end(epoch)` after each epoch's last step. After every step but the last,
+    `stop_signal()` (collective) returns the signal that asks the run to stop, or 0: the loop then
+    writes a checkpoint (unless it just did) and raises `TrainingStopped` (`seed_core.train.stop`).
 
     Returns:
         The number of steps run.
@@ -93,9 +97,16 @@ def run_steps(*, start: Position, total_steps: int, steps_per_epoch: int,
         position = position.after(steps_per_epoch)
         if epoch_ended and on_epoch_end is not None:
             on_epoch_end(position.epoch - 1)
-        if checkpoint_every and on_checkpoint and done % checkpoint_every == 0 and \
-                done < total_steps:
+        checkpointed = bool(checkpoint_every and on_checkpoint and done % checkpoint_every == 0
+                            and done < total_steps)
+        if checkpointed:
             on_checkpoint(position)
+        signum = stop_signal() if stop_signal is not None and done < total_steps else 0
+        if signum:
+            if on_checkpoint is not None and not checkpointed:
+                on_checkpoint(position)
+            bar.close()
+            raise TrainingStopped(signum, position.epoch, position.step)
         waited = time.perf_counter()
     bar.close()
     return ran

@@ -29,6 +29,7 @@ from seed_core.train.loop import StepTimes, run_steps
 from seed_core.train.resume import (CheckpointStore, Position, fingerprint, rng_state,
                                     set_rng_state, source_digest)
 from seed_core.train.schedule import Schedule, build_sgd
+from seed_core.train.stop import stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,9 @@ class TrainingRun:
             step: Callable[[dict, Position, bool], dict[str, float]],
             on_metrics: Callable[[int, Mapping[str, float]], None],
             checkpoint_every: int | None, log_every: int, desc: str) -> int:
-        """Restore if possible, then train to the end of the schedule. Returns steps run."""
+        """Restore if possible, then train to the end of the schedule. Returns steps run.
+        SIGTERM or SIGUSR1 stop it at a step boundary with a checkpoint (`seed_core.train.stop`);
+        before the first step they end the process as usual (there is nothing to save yet)."""
         start = self.restore()
         rt, schedule = self.runtime, self.schedule
         check_same_manifest(shards, distributed.all_gather_objects)  # before any rank trains
@@ -206,14 +209,16 @@ class TrainingRun:
             self.steplog.add(row)
             on_metrics(global_step, row)
 
-        ran = run_steps(start=start, total_steps=schedule.total_steps,
-                        steps_per_epoch=schedule.steps_per_epoch,
-                        batches=self._device_batches(loader, f"{shards.root} ({desc})"),
-                        step=step, scheduler=self.scheduler, log_every=log_every,
-                        times=self.times, on_log=on_log, checkpoint_every=checkpoint_every,
-                        on_checkpoint=self.checkpoint,
-                        on_epoch_end=lambda epoch: self._check_bad(f"{shards.root} epoch {epoch}"),
-                        desc=desc)
+        with stop_signals() as received:
+            ran = run_steps(start=start, total_steps=schedule.total_steps,
+                            steps_per_epoch=schedule.steps_per_epoch,
+                            batches=self._device_batches(loader, f"{shards.root} ({desc})"),
+                            step=step, scheduler=self.scheduler, log_every=log_every,
+                            times=self.times, on_log=on_log, checkpoint_every=checkpoint_every,
+                            on_checkpoint=self.checkpoint,
+                            on_epoch_end=lambda e: self._check_bad(f"{shards.root} epoch {e}"),
+                            stop_signal=lambda: distributed.max_over_ranks(received()),
+                            desc=desc)
         log_bad(self.bad, desc)
         return ran
 
