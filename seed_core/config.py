@@ -302,6 +302,10 @@ class LaunchConfig:
     # SIGUSR1 this long before the time limit: the job requeues itself (SLURM may send it up to
     # a minute early: its timer ticks every 30 s)
     signal_delay_s: int = 120
+    # after SIGTERM/SIGUSR1 a rank has this long to reach a step boundary and write its
+    # checkpoint, else it exits at once (a rank blocked on a peer that is gone never would):
+    # keep it under the cluster's KillWait (30 s by default)
+    stop_grace_s: int = 15
     log_dir: str = "logs/slurm"  # job logs and batch scripts; on the shared filesystem
 
     def __post_init__(self) -> None:
@@ -315,6 +319,8 @@ class LaunchConfig:
                self.cpus_per_task)
         _check(self.signal_delay_s >= 1, "launch.signal_delay_s", "must be >= 1",
                self.signal_delay_s)
+        _check(self.stop_grace_s >= 1, "launch.stop_grace_s", "must be >= 1",
+               self.stop_grace_s)
         _check(all(a.startswith("-") for a in self.sbatch_args), "launch.sbatch_args",
                "must be sbatch options, e.g. ['--exclusive']", self.sbatch_args)
         _check(bool(self.log_dir), "launch.log_dir", "must name a directory")

@@ -131,7 +131,8 @@ def distill(args: argparse.Namespace, params: Params, rt: distributed.Runtime, t
                       trainable=student, queues=queues,
                       steplog=StepLog(args.curves, CURVE_COLUMNS + DIAGNOSTICS),
                       store=checkpoint_store(args.checkpoint_dir, config, shards, __file__),
-                      precision=cfg.precision, max_bad_fraction=data.max_bad_fraction)
+                      precision=cfg.precision, max_bad_fraction=data.max_bad_fraction,
+                      stop_grace_s=params.launch.stop_grace_s)
     log.info("SEED %s -> %s: %d epochs x %d steps, global batch %d, lr %.4f, K=%d, "
              "%d small view(s), %d rank(s) on %s, teacher %s, student %s", teacher_meta["arch"],
              params.student.arch, cfg.epochs, schedule.steps_per_epoch, cfg.batch_size,

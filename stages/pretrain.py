@@ -109,7 +109,8 @@ def pretrain(args: argparse.Namespace, params: Params, rt: distributed.Runtime,
                       store=checkpoint_store(args.checkpoint_dir or
                                              f"checkpoints/pretrain_{args.target}", config,
                                              shards, __file__),
-                      precision=cfg.precision, max_bad_fraction=data.max_bad_fraction)
+                      precision=cfg.precision, max_bad_fraction=data.max_bad_fraction,
+                      stop_grace_s=params.launch.stop_grace_s)
     log.info("MoCo-v2 %s (%s): %d epochs x %d steps, global batch %d, lr %.4f, %d rank(s) on %s "
              "(%s)", args.target, arch, epochs, schedule.steps_per_epoch, cfg.batch_size,
              schedule.lr, rt.world_size, rt.device, precision)

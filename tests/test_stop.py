@@ -6,12 +6,19 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 
 from seed_core.train.loop import StepTimes, run_steps
 from seed_core.train.resume import Position
 from seed_core.train.stop import TrainingStopped, stop_signals
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class Scheduler:
@@ -73,9 +80,44 @@ def test_no_signal_or_one_after_the_last_step_trains_to_the_end() -> None:
 
 def test_stop_signals_records_instead_of_ending_and_restores_the_handlers() -> None:
     before = signal.getsignal(signal.SIGUSR1)
-    with stop_signals() as received:
+    with stop_signals(grace_s=60) as received:
         assert received() == 0
         os.kill(os.getpid(), signal.SIGUSR1)  # without the handler: the process would end
         os.kill(os.getpid(), signal.SIGTERM)
         assert received() == signal.SIGUSR1  # the first one counts
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def run_python(code: str) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.time()
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+    return done, time.time() - started
+
+
+def test_a_rank_that_never_reaches_a_step_boundary_exits_after_the_grace() -> None:
+    """As a rank blocked on a dead peer: the signal is recorded, the loop never looks."""
+    done, seconds = run_python("""
+        import os, signal, time
+        from seed_core.train.stop import stop_signals
+        with stop_signals(grace_s=1) as received:
+            os.kill(os.getpid(), signal.SIGTERM)
+            print("recorded", received(), flush=True)
+            time.sleep(30)
+    """)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert done.stdout == f"recorded {int(signal.SIGTERM)}\n"
+    assert "no step boundary within 1 s of SIGTERM" in done.stderr
+    assert seconds < 15
+
+
+def test_leaving_within_the_grace_keeps_the_process() -> None:
+    done, _ = run_python("""
+        import os, signal, time
+        from seed_core.train.stop import stop_signals
+        with stop_signals(grace_s=1) as received:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(2)
+        print("alive", flush=True)
+    """)
+    assert done.returncode == 0 and done.stdout == "alive\n", done.stderr

@@ -261,16 +261,19 @@ class Loader(DataLoader):
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """A loader worker outlives SIGTERM and SIGUSR1: SLURM sends them to every process of a job,
-    and the rank that owns the worker stops at its next step boundary with a checkpoint
+    """A training loader's worker outlives SIGTERM and SIGUSR1: SLURM sends them to every process
+    of a job, and the rank that owns the worker stops at its next step boundary with a checkpoint
     (`seed_core.train.stop`); a worker that died first would fail that rank's next batch. The
-    worker still ends with its rank."""
+    rank shuts its workers down on every way out of training (`TrainingRun.fit`): at interpreter
+    exit, multiprocessing would SIGTERM them and wait forever. Evaluation loaders keep the
+    default."""
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
 
 
 def _data_loader(dataset: Dataset, sampler: Sampler, collate: Callable, workers: int,
-                 timeout: float, waiting: Callable[[int], str]) -> Loader:
+                 timeout: float, waiting: Callable[[int], str],
+                 outlive_stop_signals: bool = False) -> Loader:
     # a private generator: creating the loader's iterator must not draw from the global RNG;
     # on CUDA, pinned batches cross to the GPU without blocking (seed_core.precision.to_device)
     return Loader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
@@ -278,17 +281,20 @@ def _data_loader(dataset: Dataset, sampler: Sampler, collate: Callable, workers:
                   generator=torch.Generator().manual_seed(0),
                   pin_memory=torch.cuda.is_available(),
                   timeout=timeout if workers else 0, waiting=waiting,
-                  worker_init_fn=_ignore_stop_signals if workers else None)
+                  worker_init_fn=_ignore_stop_signals if outlive_stop_signals else None)
 
 
 def training_batches(shards: ShardSet, transform: Transform, batch_size: int, *, seed: int,
                      rank: int, world_size: int, start: tuple[int, int], stop: tuple[int, int],
                      workers: int = 1, subset: np.ndarray | None = None,
-                     timeout: float = LOADER_TIMEOUT_S) -> Loader:
+                     timeout: float = LOADER_TIMEOUT_S,
+                     outlive_stop_signals: bool = False) -> Loader:
     """Batches of this rank from step `start` to `stop` (`(epoch, step)` pairs), across epochs,
     with one set of loader workers for the whole span (no start-up cost per epoch). With
     `subset`, epochs run over those sample indices only (e.g. all but a holdout split). With
-    workers, waiting more than `timeout` seconds for a batch raises `LoaderTimeout`."""
+    workers, waiting more than `timeout` seconds for a batch raises `LoaderTimeout`.
+    `outlive_stop_signals`: the workers ignore SIGTERM/SIGUSR1 (`_ignore_stop_signals`; the caller
+    then shuts them down itself on every way out)."""
     raise_open_file_limit()
     global_batch = batch_size * world_size
     samples = TrainSamples(shards, transform, seed, subset, global_batch)
@@ -302,7 +308,7 @@ def training_batches(shards: ShardSet, transform: Transform, batch_size: int, *,
                 f"step {step}")
 
     return _data_loader(samples, StepSampler(plan, rank, start, stop), collate_train, workers,
-                        timeout, waiting)
+                        timeout, waiting, outlive_stop_signals)
 
 
 def train_loader(shards: ShardSet, transform: Transform, batch_size: int, *, seed: int,

@@ -96,6 +96,7 @@ class TrainingRun:
     store: CheckpointStore
     precision: str
     max_bad_fraction: float = 0.01
+    stop_grace_s: float = 15.0  # launch.stop_grace_s (seed_core.train.stop)
     optimizer: torch.optim.Optimizer = field(init=False)
     scheduler: torch.optim.lr_scheduler.LambdaLR = field(init=False)
     scaler: Any = field(init=False)
@@ -200,7 +201,7 @@ class TrainingRun:
         loader = training_batches(
             shards, transform, per_rank_batch(schedule.global_batch, rt.world_size, "batch_size"),
             seed=seed, rank=rt.rank, world_size=rt.world_size, start=(start.epoch, start.step),
-            stop=(schedule.epochs, 0), workers=workers)
+            stop=(schedule.epochs, 0), workers=workers, outlive_stop_signals=True)
 
         def on_log(global_step: int, position: Position, metrics: dict[str, float]) -> None:
             # collective (every rank logs the same steps): curves hold global-batch values
@@ -209,16 +210,22 @@ class TrainingRun:
             self.steplog.add(row)
             on_metrics(global_step, row)
 
-        with stop_signals() as received:
-            ran = run_steps(start=start, total_steps=schedule.total_steps,
-                            steps_per_epoch=schedule.steps_per_epoch,
-                            batches=self._device_batches(loader, f"{shards.root} ({desc})"),
-                            step=step, scheduler=self.scheduler, log_every=log_every,
-                            times=self.times, on_log=on_log, checkpoint_every=checkpoint_every,
-                            on_checkpoint=self.checkpoint,
-                            on_epoch_end=lambda e: self._check_bad(f"{shards.root} epoch {e}"),
-                            stop_signal=lambda: distributed.max_over_ranks(received()),
-                            desc=desc)
+        batches = self._device_batches(loader, f"{shards.root} ({desc})")
+        try:
+            with stop_signals(self.stop_grace_s) as received:
+                ran = run_steps(start=start, total_steps=schedule.total_steps,
+                                steps_per_epoch=schedule.steps_per_epoch, batches=batches,
+                                step=step, scheduler=self.scheduler, log_every=log_every,
+                                times=self.times, on_log=on_log,
+                                checkpoint_every=checkpoint_every, on_checkpoint=self.checkpoint,
+                                on_epoch_end=lambda e: self._check_bad(f"{shards.root} epoch {e}"),
+                                stop_signal=lambda: distributed.max_over_ranks(received()),
+                                desc=desc)
+        finally:
+            # the loader's workers outlive SIGTERM (seed_core.data.loader): shut them down here,
+            # on every way out, not at interpreter exit, where multiprocessing would SIGTERM
+            # them and wait for them forever
+            batches.close()
         log_bad(self.bad, desc)
         return ran
 

@@ -5,14 +5,17 @@ ranks: `seed_core.cluster`) and ends a preempted or `scontrol requeue`d one with
 SIGKILL after the cluster's KillWait. The handler only records the signal: the training loop
 looks at each step boundary, every rank agrees on the same step (the largest signal number any
 rank holds: `distributed.max_over_ranks`), they write a checkpoint there and the stage exits with
-128 + the signal's number. Without a signal the check costs one small all-reduce per step on
-gloo (none in a one-process run).
+128 + the signal's number. A rank that cannot reach a step boundary within `launch.stop_grace_s`
+(blocked on a dead peer) exits anyway (`stop_signals`). Without a signal the check costs one
+small all-reduce per step on gloo (none in a one-process run).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from typing import Callable, Iterator, Sequence
 
@@ -35,10 +38,17 @@ class TrainingStopped(Exception):
 
 
 @contextlib.contextmanager
-def stop_signals(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[Callable[[], int]]:
+def stop_signals(grace_s: float, signals: Sequence[int] = STOP_SIGNALS
+                 ) -> Iterator[Callable[[], int]]:
     """Inside, `signals` are recorded instead of ending the process; yields a function that
     returns the first one received (0 when none). The previous handlers come back on exit.
-    Off the main thread (where Python cannot set handlers) nothing is caught."""
+
+    A rank blocked in a collective whose peer has died never returns to Python, where the loop
+    would see the signal (torchrun sends SIGTERM to the survivors of a dead rank). So a watcher
+    thread learns of the signal from the interpreter's wakeup fd and, if the process is still
+    inside `grace_s` later, ends it with 128 + the signal, as the signal itself would have.
+    Off the main thread (where Python cannot set handlers) nothing is caught.
+    """
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield lambda: 0
@@ -47,9 +57,41 @@ def stop_signals(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[Callable[[],
     def record(signum: int, frame: object) -> None:
         received.append(signum)
 
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    left = threading.Event()
+    watcher = threading.Thread(target=_end_if_stuck, args=(read_fd, signals, grace_s, left),
+                               name="stop-watcher", daemon=True)
+    watcher.start()
     previous = {s: signal.signal(s, record) for s in signals}
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     try:
         yield lambda: received[0] if received else 0
     finally:
+        left.set()
+        signal.set_wakeup_fd(previous_fd)
         for s, handler in previous.items():
             signal.signal(s, handler)
+        os.close(write_fd)  # the watcher reads end-of-file and returns
+        watcher.join(timeout=5)
+        os.close(read_fd)
+
+
+def _end_if_stuck(read_fd: int, signals: Sequence[int], grace_s: float,
+                  left: threading.Event) -> None:
+    """The watcher thread: wait for one of `signals` on the wakeup fd (other signals' bytes go
+    by), then give the loop `grace_s` to stop the run and leave `stop_signals`."""
+    while True:
+        data = os.read(read_fd, 64)
+        if not data or left.is_set():
+            return
+        signum = next((b for b in data if b in signals), 0)
+        if signum:
+            break
+    if left.wait(grace_s):
+        return
+    sys.stderr.write(f"seed_core.train.stop: no step boundary within {grace_s:g} s of "
+                     f"{signal.Signals(signum).name} (a rank waiting on a peer that is gone?): "
+                     f"exiting; a re-run resumes from the last checkpoint written\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
