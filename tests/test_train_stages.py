@@ -370,6 +370,7 @@ def test_a_stop_signal_checkpoints_where_it_stops_and_the_rerun_resumes_there(
     process = subprocess.Popen(command(setup, "distill", name, nproc=nproc), env=ENV,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: len(checkpoints(setup, name)) >= 1, process)
+    time.sleep(0.3)  # a few steps on: the stop may fall between the periodic checkpoints
     ranks = stage_ranks(process)
     assert sorted(ranks) == [str(r) for r in range(nproc)]
     for rank in ranks.values():
@@ -384,10 +385,13 @@ def test_a_stop_signal_checkpoints_where_it_stops_and_the_rerun_resumes_there(
         assert process.returncode != 0
     found = re.findall(rf"stopped on {signal.Signals(signum).name} with a checkpoint at epoch "
                        rf"(\d+) step (\d+)", stderr)
-    assert len(found) == nproc and len(set(found)) == 1, stderr[-3000:]  # every rank, one step
+    # one step for every rank that said so (torchrun may end the others first, once the
+    # checkpoint is complete: it is written by rank 0, which never got the signal, after a barrier)
+    assert found and len(set(found)) == 1, stderr[-3000:]
     epoch, step = map(int, found[0])
     newest = checkpoints(setup, name)[-1]
     assert newest.name == f"step-{epoch * 4 + step:08d}.pt.sha256"  # 4 steps per epoch
+    assert 0 < epoch * 4 + step < 16
     assert not (setup["root"] / name / "model").exists()
     resumed = run(command(setup, "distill", name, nproc=nproc))
     assert f"at epoch {epoch} step {step}" in resumed.stderr and "resumed from" in resumed.stderr
