@@ -15,6 +15,7 @@ killed stage is marked KILLED by the next stage run on the same host.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
@@ -101,6 +102,19 @@ def pipeline_key(flat_params: Mapping[str, Any], commit: str) -> str:
 def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()
             if v is not None and math.isfinite(float(v))}
+
+
+def split_timestamps(metrics: Mapping[str, float]) -> tuple[dict[str, float], dict[str, str]]:
+    """(metrics to chart, rounded to 6 significant digits: `58.0`, not `57.99999999999999`;
+    tags for the `*_at` Unix times, as UTC ISO 8601, which charted as metrics read 1.8e9)."""
+    values, times = {}, {}
+    for key, value in metrics.items():
+        if key.endswith("_at"):
+            times[key] = datetime.datetime.fromtimestamp(value, datetime.timezone.utc) \
+                .isoformat(timespec="seconds")
+        else:
+            values[key] = float(f"{value:.6g}")
+    return values, times
 
 
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -337,11 +351,13 @@ class MlflowTracker:
         self._call(self._log_params, lost, self.run_id, params)
 
     def _log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
         now = _now_ms()
+        values, times = split_timestamps(metrics)
         self.client.log_batch(run_id, metrics=[Metric(k, v, now, step)
-                                               for k, v in metrics.items()])
+                                               for k, v in values.items()],
+                              tags=[RunTag(k, v) for k, v in times.items()])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         finite = _finite(metrics)

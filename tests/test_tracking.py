@@ -68,6 +68,8 @@ def test_stage_runs_share_one_parent_holding_every_param(sqlite_store: str) -> N
     params = parse_params({"distill": {"t_student": 0.1}})
     with tracked("distill", params) as first:
         first.log_metrics({"loss": 1.5, "nan_is_dropped": float("nan")}, step=3)
+        # a stage's summary: a sum that missed 58 by a rounding, and its Unix times
+        first.log_metrics({"top1": 57.99999999999999, "started_at": 1796457226.144})
     with tracked("report", params) as second:
         second.log_parent_metrics({"student.knn_top1": 80.0})
     with pytest.raises(ValueError, match="boom"):
@@ -86,7 +88,8 @@ def test_stage_runs_share_one_parent_holding_every_param(sqlite_store: str) -> N
     child = client.get_run(first.run_id)
     assert child.data.tags["mlflow.parentRunId"] == first.parent_id
     assert child.data.tags["dvc_stage"] == "distill" and child.data.tags["seed.role"] == "stage"
-    assert child.data.metrics == {"loss": 1.5}
+    assert child.data.metrics == {"loss": 1.5, "top1": 58.0}
+    assert child.data.tags["started_at"] == "2026-12-05T07:53:46+00:00"  # a tag, not a chart
     assert [m.step for m in client.get_metric_history(first.run_id, "loss")] == [3]
     assert child.info.status == "FINISHED"
     assert client.get_run(third.run_id).info.status == "FAILED"
