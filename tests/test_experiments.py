@@ -16,7 +16,9 @@ def run(x: dict, summary: dict, paired: dict, name: str, rev: str) -> dict:
         "rev": rev, "params": {"params.yaml": {"data": x}},
         "metrics": {"metrics/summary.json": {"data": summary},
                     "metrics/paired.json": {"data": paired},
-                    "metrics/distill.json": {"data": {"seconds": 87.4}}}}}
+                    "metrics/distill.json": {"data": {"seconds": 87.4}},
+                    "metrics/knn_student.json": {"data": {"holdout": {"top1": summary[
+                        "student"]["knn_top1"] - 1}}}}}}
 
 
 def summary(seed: float) -> dict:
@@ -51,6 +53,15 @@ def test_rows_keep_what_changed_and_the_headline_numbers() -> None:
         in text
     assert "+13.40 (p=1.0e-40) | +15.70 (p=0.002) | 87 | `dvc exp run -S distill.t_teacher=0.01`" \
         in text
+
+
+def test_the_holdout_split_is_labelled_and_keeps_the_test_tests_apart() -> None:
+    rows = collect(SHOWN)
+    assert rows[1]["holdout_top1"]["student"] == {"knn": 73.0, "linear": None}
+    text = table(rows, "holdout")
+    assert "SEED − baseline, kNN (test) |" in text
+    # holdout numbers where the runs have them, a dash where not
+    assert "| tt001 | `distill.t_teacher=0.01` | – / – | – / – | 73.00 / – |" in text
 
 
 def test_readme_section_is_rewritten_and_checked(tmp_path: Path) -> None:

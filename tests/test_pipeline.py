@@ -258,6 +258,19 @@ def test_dvc_experiment_with_a_changed_temperature(repo: Repo, mlflow_server: st
                   {"experiment_ids": [experiment["experiment_id"]],
                    "filter": "tags.dvc_exp_name = 'tstudent01' and tags.`seed.role` = 'pipeline'"})
     assert len(found.get("runs", [])) == 1
+    # the comparison users read: the committed run and the experiment, side by side
+    compared = repo.run(sys.executable, "-m", "seed_core.report.compare").stdout
+    assert compared.startswith("Top-1 (%) on the test split")
+    row = next(line for line in compared.splitlines() if line.startswith("| tstudent01 |"))
+    student = repo.read_json("metrics/summary.json")["student"]  # the experiment's, in place
+    assert "`distill.t_student=0.1`" in row and "`dvc exp run -S distill.t_student=0.1`" in row
+    assert f"{student['knn_top1']:.2f} / {student['linear_top1']:.2f}" in row
+    holdout = repo.run(sys.executable, "-m", "seed_core.report.compare", "--split",
+                       "holdout").stdout
+    row = next(line for line in holdout.splitlines() if line.startswith("| tstudent01 |"))
+    knn = repo.read_json("metrics/knn_student.json")["holdout"]["top1"]
+    linear = repo.read_json("metrics/linear_student.json")["holdout"]["top1"]
+    assert f"{knn:.2f} / {linear:.2f}" in row
 
 
 TIMING_KEYS = {"seconds", "images_per_s", "records_per_s", "data_seconds", "compute_seconds",
