@@ -121,3 +121,22 @@ def test_leaving_within_the_grace_keeps_the_process() -> None:
         print("alive", flush=True)
     """)
     assert done.returncode == 0 and done.stdout == "alive\n", done.stderr
+
+
+def test_leaving_is_immediate_while_forked_workers_hold_the_pipe() -> None:
+    """Loader workers forked inside inherit the watcher's pipe: waiting for its end-of-file kept
+    every training stage 5 s longer (and left the thread reading a closed descriptor)."""
+    import multiprocessing
+    import threading
+
+    started = time.time()
+    with stop_signals(grace_s=60):
+        worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,),
+                                                             daemon=True)
+        worker.start()
+    try:
+        assert time.time() - started < 1.0
+        assert "stop-watcher" not in [t.name for t in threading.enumerate()]
+    finally:
+        worker.kill()  # it inherited the recording handler: SIGTERM would not end it
+        worker.join()

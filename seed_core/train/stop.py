@@ -68,12 +68,16 @@ def stop_signals(grace_s: float, signals: Sequence[int] = STOP_SIGNALS
     try:
         yield lambda: received[0] if received else 0
     finally:
-        left.set()
         signal.set_wakeup_fd(previous_fd)
         for s, handler in previous.items():
             signal.signal(s, handler)
-        os.close(write_fd)  # the watcher reads end-of-file and returns
-        watcher.join(timeout=5)
+        left.set()
+        # wake the watcher with a byte that is no signal: closing our end is not enough, as
+        # forked loader workers hold copies of it
+        with contextlib.suppress(BlockingIOError):
+            os.write(write_fd, b"\0")
+        watcher.join()
+        os.close(write_fd)
         os.close(read_fd)
 
 
@@ -83,7 +87,7 @@ def _end_if_stuck(read_fd: int, signals: Sequence[int], grace_s: float,
     by), then give the loop `grace_s` to stop the run and leave `stop_signals`."""
     while True:
         data = os.read(read_fd, 64)
-        if not data or left.is_set():
+        if left.is_set():
             return
         signum = next((b for b in data if b in signals), 0)
         if signum:
