@@ -14,7 +14,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo reproduce test test-fast fashion-mnist slurm bench clean
+.PHONY: install demo smoke reproduce test test-fast fashion-mnist slurm bench clean
 
 install: $(STAMP)
 
@@ -63,6 +63,11 @@ slurm:
 demo: install fashion-mnist
 	time dvc repro
 	@echo; cat reports/summary.md
+
+# the whole DAG on tiny settings in a scratch copy (seed_core/smoke.py): a quick check that the
+# pipeline runs here; the committed results, dvc.lock and mlflow.db are not touched
+smoke: install fashion-mnist
+	python -m seed_core.smoke
 
 # the paper's student table in miniature: reproduce.students x {baseline, SEED} x reproduce.seeds,
 # from the demo's teacher (reproduce/dvc.yaml; runs the demo's stages first if needed)

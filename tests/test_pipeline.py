@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -18,23 +17,9 @@ import pytest
 import yaml
 
 from conftest import free_port
+from seed_core.smoke import scratch_copy
 
-ROOT = Path(__file__).resolve().parent.parent
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
-TRACKED = ["stages", "seed_core", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore",
-           ".gitignore"]
-TINY = {
-    "data": {"limit_train": 400, "limit_val": 200, "image_size": 16, "shard_size": 100,
-             "workers": 0},
-    # a 1-epoch teacher checked on 200 images may not pass the gate (tests/test_teacher_stage.py
-    # shows the gate passing and failing); the numbers are still recorded
-    "teacher": {"verify_samples": 200, "verify_gate": False},
-    "pretrain": {"epochs": 1, "teacher_epochs": 1, "batch_size": 64, "queue_size": 128},
-    "distill": {"epochs": 1, "batch_size": 64, "queue_size": 128, "checkpoint_every": 2},
-    "features": {"batch_size": 200},
-    "knn": {"sweep_k": [5, 10]},
-    "linear": {"epochs": 5, "lrs": [0.1, 1.0]},
-}
 ALL_STAGES = {"fashion_mnist", "shards@train", "shards@val", "pretrain@teacher",
               "pretrain@baseline", "teacher", "teacher_cache", "distill", "features@teacher",
               "features@baseline", "features@student", "knn@teacher", "knn@baseline",
@@ -132,23 +117,8 @@ class Repo:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, mlflow_server) -> Repo:
-    path = tmp_path_factory.mktemp("pipeline") / "repo"
-    path.mkdir()
-    for item in TRACKED:
-        source = ROOT / item
-        target = path / item
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(source, target)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    path = scratch_copy(tmp_path_factory.mktemp("pipeline") / "repo")  # `make smoke`'s copy
     scratch = Repo(path, mlflow_server)
-    scratch.run("git", "init", "-q")
-    scratch.commit("scratch copy")
     ran = scratch.repro()
     assert ran == ALL_STAGES
     scratch.commit("first run")
