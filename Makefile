@@ -14,7 +14,7 @@ export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install demo smoke reproduce test test-fast fashion-mnist slurm bench clean
+.PHONY: install demo smoke ui reproduce test test-fast fashion-mnist slurm bench clean
 
 install: $(STAMP)
 
@@ -69,6 +69,12 @@ demo: install fashion-mnist
 smoke: install fashion-mnist
 	python -m seed_core.smoke
 
+# MLflow's UI on 127.0.0.1:$(UI_PORT), on the runs table with one row per pipeline run and the
+# headline metrics as columns (seed_core/ui.py); Ctrl-C stops it
+UI_PORT ?= 5000
+ui: install
+	python -m seed_core.ui --port $(UI_PORT)
+
 # the paper's student table in miniature: reproduce.students x {baseline, SEED} x reproduce.seeds,
 # from the demo's teacher (reproduce/dvc.yaml; runs the demo's stages first if needed)
 reproduce: install fashion-mnist
@@ -83,7 +89,7 @@ test-fast: install
 	python -m pytest -q -m "not e2e and not faults and not slurm"
 
 # every benchmark prints one JSON object, kept in bench/results/ (written whole or not at all);
-# then the README's performance section is rendered from them. The linear and versions
+# then docs/performance.md's section is rendered from them. The linear and versions
 # benchmarks need the pipeline's outputs (make demo).
 BENCH_RESULTS := bench/results
 LINEAR_BENCH_INPUTS := data/features/student models/student data/shards/train data/shards/val
@@ -110,7 +116,7 @@ bench: install
 	  echo '{"benchmark": "linear", "skipped": "needs $(LINEAR_BENCH_INPUTS): run make demo first"}' \
 	    | tee $(BENCH_RESULTS)/linear.json; \
 	fi
-	python bench/render.py README.md
+	python bench/render.py docs/performance.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -53,7 +53,7 @@ def stage(name: str, params_path: str | os.PathLike = "params.yaml",
         params = load_params(params_path, overrides)
         runtime = distributed.setup(loader_workers=params.data.workers)
         try:
-            with tracked(name, params, runtime.is_main) as tracker:
+            with tracked(name, params, runtime.is_main, params_path) as tracker:
                 yield StageContext(params, runtime, tracker)
         except TrainingStopped as stopped:
             # not an error to fix: SLURM's warning, a preemption or a requeue (the job resumes)

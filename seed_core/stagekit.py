@@ -80,11 +80,13 @@ def user_errors(name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def tracked(name: str, params: Params | None, is_main: bool = True) -> Iterator[Tracker]:
+def tracked(name: str, params: Params | None, is_main: bool = True,
+            params_path: str | os.PathLike = "params.yaml") -> Iterator[Tracker]:
     """The stage's MLflow child run (a no-op tracker without params); closed as FAILED if the
-    body raises, so a crashed stage never shows as finished in the UI."""
+    body raises, so a crashed stage never shows as finished in the UI. `params_path` is the
+    file `params` came from: the parent run lists what differs from its committed version."""
     tracker = (start_tracking(os.environ.get("DVC_STAGE", name), flatten(params),
-                              params.mlflow.experiment, is_main)
+                              params.mlflow.experiment, is_main, params_path)
                if params is not None else NullTracker())
     try:
         yield tracker

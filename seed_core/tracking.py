@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
+import yaml
+
+from seed_core.config import flatten, parse_params
 from seed_core.io import repo_root
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,8 @@ log = logging.getLogger(__name__)
 PIPELINE_TAG = "seed.pipeline_key"
 PROCESS_TAG = "seed.process"  # host:pid:start of the process that holds a run RUNNING
 HOST_TAG = "seed.host"
+# the runs that stand for a whole pipeline configuration (each stage's run is their child)
+PIPELINE_ROLE_FILTER = "tags.`seed.role` = 'pipeline'"
 # MLflow 3's UI opens an experiment in its GenAI view unless this tag names another kind; the
 # model-training view's value is in the UI's ExperimentKind enum (mlflow/server/js)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -52,7 +57,10 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_parent_metrics(self, metrics: Mapping[str, float]) -> None: ...
+    def log_parent_artifact(self, path: str | Path) -> None: ...
+    def note_reused_stages(self, finished_at: Mapping[str, float]) -> None: ...
     def log_model(self, model: Any, name: str, registered_name: str | None = None) -> None: ...
+    def tag_model_version(self, registered_name: str, metrics: Mapping[str, float]) -> None: ...
     def close(self, failed: bool = False) -> None: ...
 
 
@@ -71,7 +79,16 @@ class NullTracker:
     def log_parent_metrics(self, metrics: Mapping[str, float]) -> None:
         pass
 
+    def log_parent_artifact(self, path: str | Path) -> None:
+        pass
+
+    def note_reused_stages(self, finished_at: Mapping[str, float]) -> None:
+        pass
+
     def log_model(self, model: Any, name: str, registered_name: str | None = None) -> None:
+        pass
+
+    def tag_model_version(self, registered_name: str, metrics: Mapping[str, float]) -> None:
         pass
 
     def close(self, failed: bool = False) -> None:
@@ -97,6 +114,72 @@ def pipeline_key(flat_params: Mapping[str, Any], commit: str) -> str:
     blob = json.dumps({"params": dict(flat_params), "commit": commit}, sort_keys=True,
                       default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def committed_params(params_path: str | Path, rev: str = "HEAD") -> dict[str, Any] | None:
+    """Every value of the params file as committed at `rev` (defaults filled in, like the
+    run's own), or None when git, the commit or a valid file is missing."""
+    path = Path(params_path).resolve()
+    try:
+        shown = subprocess.run(["git", "show", f"{rev}:./{path.name}"], cwd=path.parent,
+                               capture_output=True, text=True, timeout=10)
+        if shown.returncode != 0:
+            return None
+        return flatten(parse_params(yaml.safe_load(shown.stdout)))
+    except Exception:  # only a description is at stake: an old or broken file gives none
+        return None
+
+
+def changed_params(current: Mapping[str, Any],
+                   base: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The values of `current` that differ from `base` (all of them if there is no base)."""
+    if base is None:
+        return {}
+    return {k: v for k, v in sorted(current.items()) if k not in base or base[k] != v}
+
+
+def describe_changes(changed: Mapping[str, Any], limit: int | None = None) -> str:
+    """`distill.epochs=3, student.arch=resnet10t`, cut to `limit` characters with a count."""
+    text = ", ".join(f"{k}={v}" for k, v in changed.items())
+    if limit is not None and len(text) > limit:
+        shown = text[:limit].rsplit(", ", 1)[0]
+        text = f"{shown}, … ({len(changed)} changed)"
+    return text
+
+
+def parent_run_name(exp_name: str, changed: Mapping[str, Any] | None, commit: str) -> str:
+    """The DVC experiment's name; else the changed params; else the committed params."""
+    if exp_name:
+        return exp_name
+    if changed:
+        return describe_changes(changed, limit=80)
+    suffix = f" @ {commit[:7]}" if commit != "unknown" else ""
+    return ("committed params" if changed is not None else "params") + suffix
+
+
+def parent_description(exp_name: str, changed: Mapping[str, Any] | None, commit: str,
+                       params_path: str | Path) -> str:
+    """Markdown for the parent run's description (MLflow's `mlflow.note.content`)."""
+    what = f"DVC experiment `{exp_name}`" if exp_name else "A `dvc repro` run"
+    lines = [f"{what} of the SEED pipeline at commit `{commit[:12]}`."]
+    if changed is None:
+        lines.append(f"\nThe committed `{Path(params_path).name}` could not be read, so the "
+                     "changed params are unknown; every value is in this run's params.")
+    elif not changed:
+        lines.append(f"\nParams: as committed in `{Path(params_path).name}`.")
+    else:
+        lines.append(f"\nParams that differ from the committed `{Path(params_path).name}`:\n")
+        lines += [f"- `{k}` = `{v}`" for k, v in changed.items()]
+    lines.append("\nHeadline metrics, paired tests, `summary.md` and plots are on this run; "
+                 "each stage is a child run.")
+    return "\n".join(lines)
+
+
+def reused_stages(finished_at: Mapping[str, float], since: float) -> list[str]:
+    """Stages whose last execution ended before `since`, the parent run's start (DVC took
+    them from its cache). Not their start: a stage's process starts before it creates the
+    parent."""
+    return sorted(name for name, at in finished_at.items() if at < since)
 
 
 def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -179,6 +262,15 @@ def failure_reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {first_line[:300]}"
 
 
+class _NoPickleWarning(logging.Filter):
+    """Drops mlflow.pytorch's warning that pickled models are unsafe to load: the format is
+    chosen (input shapes stay free), the model is ours, and the warning asks nothing of the
+    user; other mlflow.pytorch messages pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Pickle or CloudPickle" not in record.getMessage()
+
+
 class _QuietRetries(logging.Filter):
     """Drops urllib3's "Retrying (...)" warnings: the tracker reports a dead server once."""
 
@@ -187,6 +279,7 @@ class _QuietRetries(logging.Filter):
 
 
 _QUIET_RETRIES = _QuietRetries()
+_NO_PICKLE_WARNING = _NoPickleWarning()
 
 
 @dataclass
@@ -232,12 +325,14 @@ class MlflowTracker:
     """
 
     def __init__(self, stage: str, flat_params: Mapping[str, Any], experiment: str,
-                 tracking_uri: str | None = None) -> None:
+                 tracking_uri: str | None = None,
+                 params_path: str | Path = "params.yaml") -> None:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         os.environ.setdefault("DO_NOT_TRACK", "true")
         for name, value in HTTP_BOUNDS.items():
             os.environ.setdefault(name, value)
         logging.getLogger("urllib3.connectionpool").addFilter(_QUIET_RETRIES)
+        logging.getLogger("mlflow.pytorch").addFilter(_NO_PICKLE_WARNING)
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -249,6 +344,8 @@ class MlflowTracker:
         self.experiment_id: str | None = None
         self.parent_id: str | None = None
         self.run_id: str | None = None
+        self.params_path = Path(params_path)
+        self.tags: dict[str, str] = {}
         self._process = process_tag()
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
@@ -272,17 +369,31 @@ class MlflowTracker:
         self._end_stale_runs()
         commit = git_commit()
         exp_name = os.environ.get("DVC_EXP_NAME", "")
+        # an experiment compares with the commit it was made on; a plain run with HEAD
+        base = committed_params(self.params_path,
+                                os.environ.get("DVC_EXP_BASELINE_REV") or "HEAD")
+        changed = changed_params(flat_params, base)
         key = pipeline_key(flat_params, commit)
-        tags = {"git_commit": commit, "dvc_stage": os.environ.get("DVC_STAGE", self.stage),
-                "dvc_exp_name": exp_name, PIPELINE_TAG: key}
+        self.tags = {"git_commit": commit, "dvc_exp_name": exp_name, PIPELINE_TAG: key,
+                     "seed.changed_params": (describe_changes(changed, limit=4000)
+                                             if base is not None else "unknown")}
         owner = {PROCESS_TAG: self._process, HOST_TAG: socket.gethostname()}
-        self.parent_id = self._find_or_create_parent(key, flat_params, tags, exp_name)
+        self.parent_id = self._find_or_create_parent(
+            key, flat_params, parent_run_name(exp_name, changed if base is not None else None,
+                                              commit),
+            parent_description(exp_name, changed if base is not None else None, commit,
+                               self.params_path))
         for name, value in owner.items():
             self.client.set_tag(self.parent_id, name, value)
+        stage = os.environ.get("DVC_STAGE", self.stage)
         run = self.client.create_run(
-            self.experiment_id, run_name=tags["dvc_stage"],
-            tags={**tags, **owner, "mlflow.parentRunId": self.parent_id, "seed.role": "stage"})
+            self.experiment_id, run_name=stage,
+            tags={**self.tags, **owner, "dvc_stage": stage,
+                  "mlflow.parentRunId": self.parent_id, "seed.role": "stage"})
         self.run_id = run.info.run_id
+        # the child carries the values too: its params panel is not empty, and runs of one
+        # stage compare across parents
+        self._log_params(self.run_id, flat_params)
         log.info("MLflow: run %s (parent %s) at %s", self.run_id, self.parent_id, self.uri)
 
     def _experiment(self, name: str) -> str:
@@ -320,19 +431,19 @@ class MlflowTracker:
                 log.info("MLflow: marked KILLED the run %s (%s) that process %s left RUNNING",
                          run.info.run_id, run.info.run_name, owner)
 
-    def _find_or_create_parent(self, key: str, flat_params: Mapping[str, Any],
-                               tags: Mapping[str, str], exp_name: str) -> str:
+    def _find_or_create_parent(self, key: str, flat_params: Mapping[str, Any], name: str,
+                               description: str) -> str:
         found = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{PIPELINE_TAG}` = '{key}' and tags.`seed.role` = 'pipeline'",
+            filter_string=f"tags.`{PIPELINE_TAG}` = '{key}' and {PIPELINE_ROLE_FILTER}",
             max_results=1)
         if found:
             # RUNNING while one of its stages runs; `close` ends it again at the stage's end
             self.client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
-        name = exp_name or f"pipeline-{key[:8]}"
         run = self.client.create_run(self.experiment_id, run_name=name,
-                                     tags={**tags, "seed.role": "pipeline"})
+                                     tags={**self.tags, "seed.role": "pipeline",
+                                           "mlflow.note.content": description})
         self._log_params(run.info.run_id, flat_params)
         return run.info.run_id
 
@@ -376,15 +487,36 @@ class MlflowTracker:
             self._call(self._log_metrics, lambda u: u.parent_metrics.update(finite),
                        self.parent_id, finite, 0)
 
-    def _log_artifact(self, path: Path, artifact_path: str | None) -> None:
+    def _log_artifact(self, run_id: str, path: Path, artifact_path: str | None) -> None:
         if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            self.client.log_artifacts(run_id, str(path), artifact_path)
         else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            self.client.log_artifact(run_id, str(path), artifact_path)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        self._call(self._log_artifact, lambda u: u.artifacts.append(str(path)), Path(path),
-                   artifact_path)
+        self._call(self._log_artifact, lambda u: u.artifacts.append(str(path)), self.run_id,
+                   Path(path), artifact_path)
+
+    def log_parent_artifact(self, path: str | Path) -> None:
+        """An artifact of the whole pipeline run: the compare view shows the parents'."""
+        self._call(self._log_artifact, lambda u: u.artifacts.append(f"{path} (pipeline run)"),
+                   self.parent_id, Path(path), None)
+
+    def _note_reused_stages(self, finished_at: Mapping[str, float]) -> None:
+        parent = self.client.get_run(self.parent_id)
+        reused = reused_stages(finished_at, parent.info.start_time / 1000)
+        note = parent.data.tags.get("mlflow.note.content", "").split("\n\nReused from")[0]
+        if reused:
+            note += ("\n\nReused from DVC's cache (ran before this run started; their time is "
+                     "not in this run's duration): " + ", ".join(f"`{s}`" for s in reused) + ".")
+        self.client.set_tag(self.parent_id, "seed.reused_stages", ", ".join(reused) or "none")
+        self.client.set_tag(self.parent_id, "mlflow.note.content", note)
+
+    def note_reused_stages(self, finished_at: Mapping[str, float]) -> None:
+        """Say on the parent which stages DVC did not re-run (`finished_at`: stage -> Unix time
+        of its last end, from the metrics files)."""
+        self._call(self._note_reused_stages,
+                   lambda u: u.artifacts.append("the parent's reused-stages note"), finished_at)
 
     def _log_model(self, model: Any, name: str, registered_name: str | None) -> None:
         import mlflow.pytorch
@@ -397,15 +529,45 @@ class MlflowTracker:
                 f"torchvision=={torchvision.__version__.split('+')[0]}",
                 f"timm=={timm.__version__}"]
         with self._mlflow.start_run(run_id=self.run_id):
-            mlflow.pytorch.log_model(model, name=name, pip_requirements=reqs,
-                                     serialization_format="pickle",
-                                     registered_model_name=registered_name)
+            info = mlflow.pytorch.log_model(model, name=name, pip_requirements=reqs,
+                                            serialization_format="pickle",
+                                            registered_model_name=registered_name)
+        version = getattr(info, "registered_model_version", None)
+        if registered_name and version is not None:
+            for tag, value in self.tags.items():
+                self.client.set_model_version_tag(registered_name, str(version), tag, value)
+            self.client.update_model_version(
+                registered_name, str(version),
+                description=f"{name} of run {self.run_id} ({self.stage}); changed params: "
+                            f"{self.tags.get('seed.changed_params') or 'none'}")
 
     def log_model(self, model: Any, name: str, registered_name: str | None = None) -> None:
-        """Log a torch module as an MLflow model (pickle format: input shapes stay free)."""
+        """Log a torch module as an MLflow model (pickle format: input shapes stay free); a
+        registered version is tagged with the commit, the experiment and the changed params."""
         label = f"{name} (registered as {registered_name})" if registered_name else name
         self._call(self._log_model, lambda u: u.models.append(label), model, name,
                    registered_name)
+
+    def _tag_model_version(self, registered_name: str, metrics: Mapping[str, float]) -> None:
+        key = self.tags[PIPELINE_TAG]
+        versions = [v for v in self.client.search_model_versions(f"name='{registered_name}'")
+                    if v.tags.get(PIPELINE_TAG) == key]
+        if not versions:
+            log.info("MLflow: no version of %s was registered by this configuration (its "
+                     "distillation came from DVC's cache); headline metrics not tagged",
+                     registered_name)
+            return
+        newest = max(versions, key=lambda v: int(v.version))
+        values, _ = split_timestamps(metrics)
+        for tag, value in values.items():
+            self.client.set_model_version_tag(registered_name, newest.version, tag, str(value))
+
+    def tag_model_version(self, registered_name: str, metrics: Mapping[str, float]) -> None:
+        """Tag the newest version this configuration registered with the headline metrics."""
+        finite = _finite(metrics)
+        self._call(self._tag_model_version,
+                   lambda u: u.models.append(f"{registered_name}'s metric tags"),
+                   registered_name, finite)
 
     def _finish(self, status: str) -> None:
         now = _now_ms()
@@ -425,8 +587,8 @@ class MlflowTracker:
 
 
 def start_tracking(stage: str, flat_params: Mapping[str, Any], experiment: str,
-                   is_main: bool = True) -> Tracker:
+                   is_main: bool = True, params_path: str | Path = "params.yaml") -> Tracker:
     """A tracker for one stage execution; a no-op off rank 0 or with SEED_TRACKING=0."""
     if not is_main or os.environ.get("SEED_TRACKING", "1") == "0":
         return NullTracker()
-    return MlflowTracker(stage, flat_params, experiment)
+    return MlflowTracker(stage, flat_params, experiment, params_path=params_path)

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     with user_errors("fashion_mnist"):
         params = load_params(args.params)
-        with tracked("fashion_mnist", params) as tracker:
+        with tracked("fashion_mnist", params, params_path=args.params) as tracker:
             started = time.perf_counter()
             metrics = export(params.data, Path(args.out))
             metrics.update(seconds=round(time.perf_counter() - started, 3), **run_times())

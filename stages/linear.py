@@ -162,7 +162,7 @@ def evaluate(args: argparse.Namespace, params: Params, device: torch.device,
     selection = select_lr(cfg.lrs, lambda lr: train_fn(lr, False), train["features"][hold],
                           train["labels"][hold])
     log.info("%s: lr %g chosen on holdout (top-1 per lr: %s)", args.name, selection.best_lr,
-             selection.lr_top1)
+             ", ".join(f"{lr:g}: {top1:.2f}%" for lr, top1 in selection.lr_top1.items()))
     # retrained on the whole train split at the chosen lr; the test split is scored once
     final = train_fn(selection.best_lr, True)
     scores = predict_linear(final, val["features"])

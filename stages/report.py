@@ -181,11 +181,16 @@ def build(args: argparse.Namespace, params: Params, tracker: Tracker) -> dict[st
     write_text(out_dir / "summary.md", markdown)
     log.info("summary: %s", summary)
 
-    tracker.log_parent_metrics({**summary_metrics(summary), **paired_metrics(paired)})
-    tracker.log_metrics({**summary_metrics(summary), **paired_metrics(paired),
-                         "pipeline_seconds": sum(seconds.values())})
+    headline = {**summary_metrics(summary), **paired_metrics(paired)}
+    tracker.log_parent_metrics(headline)
+    tracker.log_metrics({**headline, "pipeline_seconds": sum(seconds.values())})
+    # on the parent too: MLflow's compare view shows the artifacts that the compared runs share
     for path in [*plots.values(), out_dir / "summary.md"]:
         tracker.log_artifact(path)
+        tracker.log_parent_artifact(path)
+    tracker.note_reused_stages({name: t["finished_at"] for name, t in times.items()})
+    if params.mlflow.registered_model:
+        tracker.tag_model_version(params.mlflow.registered_model, summary_metrics(summary))
     return summary
 
 

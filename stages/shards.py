@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     # a standalone conversion of any TSV needs no pipeline configuration (and is not tracked)
     params = load_params(args.params) if Path(args.params).is_file() else None
     try:
-        with tracked("shards", params) as tracker:
+        with tracked("shards", params, params_path=args.params) as tracker:
             start = time.perf_counter()
             manifest = convert_tsv_to_shards(
                 args.tsv, args.out, shard_size=args.shard_size, strict=args.strict,

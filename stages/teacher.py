@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     try:
         params = _load_params(args)
-        with tracked("teacher", params) as tracker:
+        with tracked("teacher", params, params_path=args.params) as tracker:
             summary = run(args, params, tracker)
             tracker.log_metrics({k: v for k, v in summary.items()
                                  if isinstance(v, (int, float)) and not isinstance(v, bool)})

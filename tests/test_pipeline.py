@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -154,6 +155,17 @@ def test_outputs_have_their_contract_shapes(repo: Repo) -> None:
     assert "Wall time of the run" in table
 
 
+def test_dvc_plots_show_is_viewable_offline(repo: Repo) -> None:
+    """Data plots would load Vega from a CDN (blank offline): every plot is a local image."""
+    repo.run("dvc", "plots", "show")
+    html = (repo.path / "dvc_plots" / "index.html").read_text()
+    assert not re.findall(r'(?:src|href)="(?:https?:)?//', html)
+    images = re.findall(r'<img[^>]* src="([^"]+)"', html)
+    assert len(images) == 3 and all((repo.path / "dvc_plots" / src).stat().st_size > 10_000
+                                    for src in images)
+    assert "dvc_plots" not in repo.run("git", "status", "--porcelain").stdout
+
+
 def test_second_repro_is_up_to_date(repo: Repo) -> None:
     assert repo.repro() == set()
     assert "up to date" in repo.run("dvc", "status").stdout
@@ -228,6 +240,7 @@ def test_dvc_experiment_with_a_changed_temperature(repo: Repo, mlflow_server: st
                   {"experiment_ids": [experiment["experiment_id"]],
                    "filter": "tags.dvc_exp_name = 'tstudent01' and tags.`seed.role` = 'pipeline'"})
     assert len(found.get("runs", [])) == 1
+    check_experiment_in_mlflow(repo, mlflow_server, "tstudent01")
     # the comparison users read: the committed run and the experiment, side by side
     compared = repo.run(sys.executable, "-m", "seed_core.report.compare").stdout
     assert compared.startswith("Top-1 (%) on the test split")
@@ -241,6 +254,68 @@ def test_dvc_experiment_with_a_changed_temperature(repo: Repo, mlflow_server: st
     knn = repo.read_json("metrics/knn_student.json")["holdout"]["top1"]
     linear = repo.read_json("metrics/linear_student.json")["holdout"]["top1"]
     assert f"{knn:.2f} / {linear:.2f}" in row
+
+
+def test_make_ui_link_opens_the_pipeline_runs_with_headline_columns(
+        repo: Repo, mlflow_server: str) -> None:
+    """`make ui`'s link, loaded from the pinned MLflow's server: the page, the bundle that
+    reads the link's parameters, and the shared view it names, resolved against the runs."""
+    printed = repo.run(sys.executable, "-m", "seed_core.ui", "--no-serve").stdout
+    link = re.search(r"http://\S+", printed).group(0)
+    page, fragment = link.split("#", 1)
+    assert page == f"{mlflow_server}/" and fragment.startswith("/experiments/")
+    with urllib.request.urlopen(page, timeout=10) as response:
+        html = response.read().decode()
+    bundle = re.search(r'src="([^"]*static/js/main[^"]*\.js)"', html).group(1)
+    with urllib.request.urlopen(f"{mlflow_server}/{bundle.lstrip('./')}", timeout=30) as js:
+        code = js.read().decode()
+    # the names the link and the view rely on, as this MLflow version spells them
+    for name in ("workflowType", "machine_learning", "viewStateShareKey",
+                 "mlflow.sharedViewState.", '"attributes.start_time"'):
+        assert name in code, name
+    query = dict(urllib.parse.parse_qsl(fragment.split("?", 1)[1]))
+    assert query["workflowType"] == "machine_learning"
+    experiment_id = fragment.split("/")[2]
+    experiment = _get(f"{mlflow_server}/api/2.0/mlflow/experiments/get"
+                      f"?experiment_id={experiment_id}")["experiment"]
+    tags = {t["key"]: t["value"] for t in experiment["tags"]}
+    assert experiment["name"] == "seed-distill"
+    view = json.loads(tags[f"mlflow.sharedViewState.{query['viewStateShareKey']}"])
+    runs = _post(f"{mlflow_server}/api/2.0/mlflow/runs/search",
+                 {"experiment_ids": [experiment_id], "filter": view["searchFilter"],
+                  "order_by": [f"{view['orderByKey']} DESC"]})["runs"]
+    assert len(runs) >= 2  # the committed configuration and the experiment, no stage runs
+    names = [r["info"]["run_name"] for r in runs]
+    assert names[0] == "tstudent01"  # newest first
+    for run in runs:
+        have = {f"metrics.`{m['key']}`" for m in run["data"]["metrics"]} | {
+            f"tags.`{t['key']}`" for t in run["data"]["tags"]}
+        assert set(view["selectedColumns"]) <= have, set(view["selectedColumns"]) - have
+
+
+def check_experiment_in_mlflow(repo: Repo, uri: str, name: str) -> None:
+    """What the MLflow UI shows of a DVC experiment, read as users' scripts read it: the
+    parent run, named and described, with the headline metrics and the report; the newest
+    registered student, tagged with where it came from and what it scores."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("seed-distill")
+    parent, = client.search_runs([experiment.experiment_id],
+                                 f"tags.dvc_exp_name = '{name}' and tags.`seed.role` = 'pipeline'")
+    summary = repo.read_json("metrics/summary.json")
+    assert parent.info.run_name == name
+    assert "- `distill.t_student` = `0.1`" in parent.data.tags["mlflow.note.content"]
+    assert parent.data.metrics["student.knn_top1"] == pytest.approx(summary["student"]["knn_top1"])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "summary.md" in artifacts and any(p.endswith(".png") for p in artifacts)
+    # the teacher's pre-training is not the experiment's to run: DVC took it from its cache
+    assert "pretrain_teacher" in parent.data.tags["seed.reused_stages"].split(", ")
+    assert "distill" not in parent.data.tags["seed.reused_stages"].split(", ")
+    newest = max(client.search_model_versions("name='seed-student'"), key=lambda v: int(v.version))
+    assert newest.tags["dvc_exp_name"] == name
+    assert newest.tags["seed.changed_params"] == "distill.t_student=0.1"
+    assert float(newest.tags["student.knn_top1"]) == pytest.approx(summary["student"]["knn_top1"])
 
 
 TIMING_KEYS = {"seconds", "images_per_s", "records_per_s", "data_seconds", "compute_seconds",

@@ -416,6 +416,7 @@ def tiny_pipeline(tmp_path, monkeypatch):
 class RecordingTracker:
     def __init__(self):
         self.metrics, self.parent, self.artifacts = {}, {}, []
+        self.parent_artifacts, self.finished_at, self.model_tags = [], {}, {}
 
     def log_params(self, params):
         pass
@@ -429,8 +430,17 @@ class RecordingTracker:
     def log_artifact(self, path, artifact_path=None):
         self.artifacts.append(Path(path).name)
 
+    def log_parent_artifact(self, path):
+        self.parent_artifacts.append(Path(path).name)
+
+    def note_reused_stages(self, finished_at):
+        self.finished_at = dict(finished_at)
+
     def log_model(self, *args, **kwargs):
         pass
+
+    def tag_model_version(self, registered_name, metrics):
+        self.model_tags[registered_name] = dict(metrics)
 
     def close(self, failed=False):
         self.failed = failed
@@ -545,6 +555,11 @@ def test_features_knn_linear_report_pipeline(tiny_pipeline, monkeypatch):
     assert "| resnet10t | kNN | 80.00 / 82.00 | 81.00 ± 1.41 | 70.00 / 70.00 |" in md
     assert set(tracker.artifacts) == {"training_curves.png", "per_class_accuracy.png",
                                       "embedding_projection.png", "summary.md"}
+    # the pipeline run holds the report too (MLflow compares the artifacts of parents)
+    assert set(tracker.parent_artifacts) == set(tracker.artifacts)
+    assert {"knn_student", "linear_teacher", "report"} <= set(tracker.finished_at)
+    assert tracker.model_tags["seed-student"]["student.knn_top1"] == \
+        summary["student"]["knn_top1"]
 
 
 def test_linear_augmented_mode_and_holdout_exclusion(tiny_pipeline):

@@ -243,3 +243,106 @@ def test_http_retries_are_bounded_unless_the_user_chose(monkeypatch, tmp_path: P
     tracking.MlflowTracker("x", {}, "e", f"sqlite:///{tmp_path / 'm.db'}").close()
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "30"
+
+
+def test_changed_params_name_and_describe_a_parent() -> None:
+    base = {"distill.epochs": 8, "student.arch": "mobilenetv3_small_050", "knn.k": 20}
+    current = {**base, "distill.epochs": 3, "knn.k": 20, "new.key": 1}
+    changed = tracking.changed_params(current, base)
+    assert changed == {"distill.epochs": 3, "new.key": 1}
+    assert tracking.changed_params(current, None) == {}
+    assert tracking.parent_run_name("exp-a", changed, "0123456789") == "exp-a"
+    assert tracking.parent_run_name("", changed, "0123456789") == "distill.epochs=3, new.key=1"
+    assert tracking.parent_run_name("", {}, "0123456789") == "committed params @ 0123456"
+    assert tracking.parent_run_name("", None, "unknown") == "params"
+    many = {f"section.key_{i}": i for i in range(20)}
+    short = tracking.describe_changes(many, limit=80)
+    assert len(short) <= 100 and short.endswith("(20 changed)")
+    assert tracking.reused_stages({"teacher": 10.0, "knn_student": 30.0, "report": 31.0},
+                                  since=20.0) == ["teacher"]
+
+
+def _commit(repo: Path, text: str) -> None:
+    (repo / "params.yaml").write_text(text)
+    for cmd in (["git", "init", "-q"], ["git", "add", "params.yaml"],
+                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "p"]):
+        subprocess.run(cmd, cwd=repo, check=True)
+
+
+def test_parent_is_named_and_described_by_what_differs_from_the_committed_params(
+        sqlite_store: str, monkeypatch, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _commit(repo, "distill:\n  epochs: 8\n")
+    assert tracking.committed_params(repo / "params.yaml")["distill.epochs"] == 8
+    assert tracking.committed_params(repo / "params.yaml", rev="no-such-rev") is None
+    (repo / "params.yaml").write_text("distill:\n  epochs: 3\nknn:\n  k: 5\n")
+    params = parse_params({"distill": {"epochs": 3}, "knn": {"k": 5}})
+    monkeypatch.delenv("DVC_EXP_NAME")
+    with tracked("distill", params, params_path=repo / "params.yaml") as run:
+        pass
+    client = MlflowClient(sqlite_store)
+    parent = client.get_run(run.parent_id)
+    assert parent.info.run_name == "distill.epochs=3, knn.k=5"
+    note = parent.data.tags["mlflow.note.content"]
+    assert "- `distill.epochs` = `3`\n- `knn.k` = `5`" in note
+    assert "dvc_stage" not in parent.data.tags  # a stage's tag: the parent spans them all
+    assert parent.data.tags["seed.changed_params"] == "distill.epochs=3, knn.k=5"
+    # the child run holds the values too (MLflow's params panel of a stage is not empty)
+    assert client.get_run(run.run_id).data.params["knn.k"] == "5"
+
+    # a DVC experiment compares with its baseline commit, and is named after itself
+    (repo / "params.yaml").write_text("distill:\n  epochs: 8\n")
+    monkeypatch.setenv("DVC_EXP_NAME", "fewer-epochs")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "HEAD")
+    with tracked("distill", parse_params({}), params_path=repo / "params.yaml") as exp:
+        pass
+    parent = client.get_run(exp.parent_id)
+    assert parent.info.run_name == "fewer-epochs"
+    assert "Params: as committed" in parent.data.tags["mlflow.note.content"]
+
+
+def test_report_outputs_and_model_tags_reach_the_parent_and_the_registry(
+        sqlite_store: str, tmp_path: Path) -> None:
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    class Seen(logging.Handler):
+        messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    params = parse_params({"knn": {"k": 9}})
+    seen = Seen()
+    # on mlflow's own logger: it does not propagate to the root logger that caplog watches
+    logging.getLogger("mlflow.pytorch").addHandler(seen)
+    try:
+        with tracked("distill", params) as distill:
+            distill.log_model(torch.nn.Linear(2, 2), name="student", registered_name="seed-test")
+    finally:
+        logging.getLogger("mlflow.pytorch").removeHandler(seen)
+    assert not [m for m in seen.messages if "Pickle" in m]
+    summary = tmp_path / "summary.md"
+    summary.write_text("# summary\n")
+    with tracked("report", params) as report:
+        report.log_parent_artifact(summary)
+        report.note_reused_stages({"teacher": 0.0, "report": time.time()})
+        report.tag_model_version("seed-test", {"student.knn_top1": 75.00000000001})
+
+    client = MlflowClient(sqlite_store)
+    assert [a.path for a in client.list_artifacts(report.parent_id)] == ["summary.md"]
+    parent = client.get_run(report.parent_id)
+    assert parent.data.tags["seed.reused_stages"] == "teacher"
+    assert "Reused from DVC's cache" in parent.data.tags["mlflow.note.content"]
+    version = client.get_model_version("seed-test", "1")
+    assert version.tags["student.knn_top1"] == "75.0"
+    assert version.tags["dvc_exp_name"] == "exp-a"
+    assert version.tags["git_commit"] == parent.data.tags["git_commit"]
+    assert version.tags[tracking.PIPELINE_TAG] == parent.data.tags[tracking.PIPELINE_TAG]
+    # another configuration's report finds no version of its own: nothing is mis-tagged
+    with tracked("report", parse_params({"knn": {"k": 11}})) as other:
+        other.tag_model_version("seed-test", {"student.knn_top1": 1.0})
+    assert client.get_model_version("seed-test", "1").tags["student.knn_top1"] == "75.0"

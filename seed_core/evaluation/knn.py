@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from seed_core.evaluation.metrics import check_labels
+from seed_core.progress import progress
 
 # Default chunking: 2048 x 32768 fp32 similarities = 256 MiB, large enough for fast GEMMs and
 # few enough blocks (a 1.28 M bank and 50 k queries: 1,000) that the per-block work stays small.
@@ -80,7 +81,8 @@ def knn_neighbors(train_features: torch.Tensor, test_features: torch.Tensor, k: 
     # one similarity buffer reused for every block: fresh large allocations page-fault each time
     buffer = torch.empty(min(test_chunk, queries) * min(bank_chunk, bank_size), device=device)
     # outer loop over the bank: each bank chunk is normalised (and moved) once
-    for start in range(0, bank_size, bank_chunk):
+    for start in progress(range(0, bank_size, bank_chunk), desc="kNN search",
+                          unit="bank chunk", leave=False):
         bank = F.normalize(train_features[start:start + bank_chunk].to(device, torch.float32),
                            dim=1)
         kk = min(k, bank.shape[0])

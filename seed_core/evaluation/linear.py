@@ -14,6 +14,7 @@ from torch import nn
 
 from seed_core.evaluation.metrics import check_labels, topk_accuracy
 from seed_core.evaluation.splits import grid_edge
+from seed_core.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ def fit_linear(batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tenso
     fc.to(device)
     optimizer = torch.optim.SGD(fc.parameters(), lr=lr, momentum=momentum,
                                 weight_decay=weight_decay)
-    for epoch in range(epochs):
+    for epoch in progress(range(epochs), desc=f"linear probe lr {lr:g}", unit="epoch",
+                          leave=False):
         for group in optimizer.param_groups:
             group["lr"] = linear_lr(lr, epoch, epochs)
         loss_sum, seen = torch.zeros((), device=device), 0

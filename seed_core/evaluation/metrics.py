@@ -26,7 +26,8 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor,
     labels = labels.to(scores.device)
     top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
     hits = top == labels[:, None]
-    return {f"top{k}": 100.0 * hits[:, :k].any(dim=1).double().mean().item() for k in ks}
+    # a count over N, divided once: 83.29, not the 83.28999999999999 of a mean times 100
+    return {f"top{k}": 100.0 * int(hits[:, :k].any(dim=1).sum()) / hits.shape[0] for k in ks}
 
 
 def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor,
