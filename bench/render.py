@@ -1,7 +1,7 @@
-"""The README's performance section, rendered from the benchmarks' JSON (`bench/results/`) and the
-training stages' metrics (`metrics/`): no figure in it is typed by hand.
+"""The performance section of docs/performance.md, rendered from the benchmarks' JSON
+(`bench/results/`) and the training stages' metrics (`metrics/`): no figure in it is typed by hand.
 
-    python bench/render.py README.md [--check]   # rewrite (or check) the section between markers
+    python bench/render.py docs/performance.md [--check]   # rewrite (or check) between markers
 
 `make bench` writes `bench/results/<name>.json` (each benchmark's one JSON object) and then runs
 this. A benchmark that has not been run shows as "not run"; a goal is judged here, from the

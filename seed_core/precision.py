@@ -1,5 +1,5 @@
 """Mixed precision and memory layout per device and per model, chosen by measurement
-(`bench/bench_levers.py`; the README's performance section has the figures).
+(`bench/bench_levers.py`; docs/performance.md has the figures).
 
 - CUDA: fp16 autocast with a grad scaler.
 - CPU: bf16 autocast for models without depthwise convolutions, on CPUs with bf16 instructions

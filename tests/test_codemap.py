@@ -1,5 +1,5 @@
-"""The import graph: each dvc.yaml stage lists exactly the code it runs, the README's code map
-is current, and dependencies point one way."""
+"""The import graph: each dvc.yaml stage lists exactly the code it runs, the code map
+(docs/code-map.md) is current, and dependencies point one way."""
 
 from __future__ import annotations
 
@@ -109,11 +109,12 @@ def test_readme_code_map_is_generated_from_the_graph() -> None:
     table = code_map(ROOT)
     row = next(line for line in table.splitlines() if line.startswith("| `seed_core/report/` |"))
     assert row.endswith("| report, reproduce:reproduce |")
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "code-map.md").read_text()
     assert rewrite_readme(readme, table) == readme, \
-        "README's code map is stale: run python -m seed_core.codemap --readme README.md"
+        "docs/code-map.md is stale: run python -m seed_core.codemap --readme docs/code-map.md"
     done = subprocess.run([sys.executable, "-m", "seed_core.codemap", "--readme",
-                           str(ROOT / "README.md"), "--check"], capture_output=True, text=True)
+                           str(ROOT / "docs" / "code-map.md"), "--check"],
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
 

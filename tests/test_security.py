@@ -1,6 +1,6 @@
-"""Security by inspection: no code path unpickles a user's file, and the README's MLflow commands
-serve on the loopback interface only. (Refusing a code-executing checkpoint at run time is tested
-in tests/test_checkpoints.py and tests/test_teacher_stage.py.)"""
+"""Security by inspection: no code path unpickles a user's file, and the MLflow commands of the
+README and docs/*.md serve on the loopback interface only. (Refusing a code-executing checkpoint at
+run time is tested in tests/test_checkpoints.py and tests/test_teacher_stage.py.)"""
 
 from __future__ import annotations
 
@@ -142,9 +142,14 @@ def exposed_mlflow_commands(markdown: str) -> list[str]:
     return bad
 
 
-def test_readme_mlflow_commands_bind_the_loopback_interface() -> None:
-    bad = exposed_mlflow_commands((ROOT / "README.md").read_text())
-    assert bad == [], ("README.md: add `--host 127.0.0.1` to these MLflow commands (a tracking "
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda path: str(path.relative_to(ROOT)))
+def test_readme_mlflow_commands_bind_the_loopback_interface(document: Path) -> None:
+    bad = exposed_mlflow_commands(document.read_text())
+    name = document.relative_to(ROOT)
+    assert bad == [], (f"{name}: add `--host 127.0.0.1` to these MLflow commands (a tracking "
                        "server has no authentication):\n" + "\n".join(bad))
 
 

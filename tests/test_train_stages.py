@@ -436,7 +436,7 @@ def test_a_dying_rank_stops_the_job_quickly_and_its_checkpoint_resumes(setup, re
     victim.kill()
     process.communicate(timeout=60)
     assert process.returncode != 0
-    assert time.time() - killed < 30  # the bound the README states
+    assert time.time() - killed < 30  # the bound docs/reliability.md states
     for path in checkpoints(setup, name):  # what is on disk is intact
         pt = path.with_name(path.name.removesuffix(".sha256"))
         import hashlib
