@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from seed_core.report.experiments import BEGIN, END, collect, main, table
+from seed_core.report.experiments import BEGIN, END, collect, main, merge_rows, table
 
 
 def run(x: dict, summary: dict, paired: dict, name: str, rev: str) -> dict:
@@ -76,3 +76,14 @@ def test_readme_section_is_rewritten_and_checked(tmp_path: Path) -> None:
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="needs exactly one line"):
         main([str(readme), "--rows", str(rows)])
+
+
+def test_collecting_keeps_the_rows_of_earlier_clones_and_replaces_rerun_ones() -> None:
+    kept = [{"name": "old-a", "base_commit": "aaa", "v": 1},
+            {"name": "same", "base_commit": "bbb", "v": 1},
+            {"name": "same", "base_commit": "aaa", "v": 1}]
+    collected = [{"name": "same", "base_commit": "bbb", "v": 2},
+                 {"name": "new", "base_commit": "bbb", "v": 2}]
+    merged = merge_rows(kept, collected)
+    assert [(r["name"], r["base_commit"], r["v"]) for r in merged] == [
+        ("old-a", "aaa", 1), ("same", "aaa", 1), ("same", "bbb", 2), ("new", "bbb", 2)]

@@ -4,11 +4,12 @@
     python -m seed_core.report.experiments README.md [--check]                  # the table
 
 `--collect` reads `dvc exp show --json` (the committed baseline run and every experiment made on
-it with `dvc exp run -S ...`) and keeps, per run, the params that differ from the baseline, the
-headline accuracies of `metrics/summary.json`, the paired SEED-vs-baseline tests of
-`metrics/paired.json` and the seconds of the training stages. Experiments live in local git refs
-that a clone does not fetch, so the rows are committed as `metrics/experiments.json`, and the
-README's section between the markers is rendered from that file (`--check`: exit 1 if stale).
+it with `dvc exp run -S ...`) and adds to the file, per run, the params that differ from the
+baseline, the headline accuracies of `metrics/summary.json` (and the holdout ones of the kNN and
+linear metrics), the paired SEED-vs-baseline tests of `metrics/paired.json` and the seconds of
+the training stages. Experiments live in local git refs that a clone does not fetch, so the rows
+are committed as `metrics/experiments.json` and kept across collections, and the README's
+section between the markers is rendered from that file (`--check`: exit 1 if stale).
 """
 
 from __future__ import annotations
@@ -87,6 +88,14 @@ def collect(shown: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def merge_rows(kept: list[dict[str, Any]], collected: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The committed rows, then the collected ones: a collected row replaces a kept row of the
+    same name and base commit. Experiments live in local git refs that a clone lacks, so rows
+    of earlier sessions are kept rather than lost."""
+    fresh = {(row["name"], row.get("base_commit")) for row in collected}
+    return [row for row in kept if (row["name"], row.get("base_commit")) not in fresh] + collected
+
+
 def _pct(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, (int, float)) else "–"
 
@@ -153,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.collect:
         shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], check=True,
                                           capture_output=True, text=True).stdout)
-        write_json(args.rows, collect(shown))
+        kept = read_json(args.rows) if Path(args.rows).exists() else []
+        write_json(args.rows, merge_rows(kept, collect(shown)))
     if args.readme:
         if not Path(args.rows).exists():
             print(f"{args.rows}: missing; run python -m seed_core.report.experiments --collect "
