@@ -132,7 +132,7 @@ def committed_params(params_path: str | Path, rev: str = "HEAD") -> dict[str, An
 
 def changed_params(current: Mapping[str, Any],
                    base: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The values of `current` that differ from `base` (all of them if there is no base)."""
+    """The values of `current` that differ from `base`; none without a base (unknown)."""
     if base is None:
         return {}
     return {k: v for k, v in sorted(current.items()) if k not in base or base[k] != v}
