@@ -109,6 +109,8 @@ bench: install
 	$(call bench_run,loader)
 	$(call bench_run,knn)
 	$(call bench_run,shards)
+	$(call bench_run,open_shards)
+	$(call bench_run,remote_epoch)
 	$(call bench_run,versions)
 	@if ls -d $(LINEAR_BENCH_INPUTS) >/dev/null 2>&1; then \
 	  $(call bench_run,linear,$(LINEAR_BENCH_ARGS)); \

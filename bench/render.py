@@ -208,6 +208,72 @@ def shards_section(shards: Mapping[str, Any]) -> list[str]:
             f"{shards['peak_rss_growth_during_conversion_mib']} MiB while converting)."]
 
 
+def open_shards_section(bench: Mapping[str, Any]) -> list[str]:
+    """`bench/bench_open_shards.py`: opening an ImageNet-sized shard set, fresh processes."""
+    median, worst = bench["seconds_median"], bench["seconds_max"]
+    phases = [("`open_shards` (manifest, shard files looked up)", "open_s"),
+              ("`.index` (memory-mapped `index.bin`, checked)", "index_s"),
+              (f"`steps_per_epoch` (batch {bench['batch']})", "steps_s"),
+              ("epoch 0's order, plan and first batch's samples", "plan_s"),
+              ("all of the above", "total_s"), ("imports, for scale", "import_s")]
+    rows = [[label, fmt(1e3 * median[key], 1), fmt(1e3 * worst[key], 1)]
+            for label, key in phases]
+    open_index = bench.get("peak_rss_growth_open_index_mib_median")
+    size = "an ImageNet-sized" if bench["samples"] == 1_281_167 else "a"
+    return ([f"**Opening {size} shard set** (`bench/bench_open_shards.py`, "
+             f"{bench['machine']}, load average {bench['load_average_at_start']} at the start: "
+             f"a synthetic set of {bench['shards']:,} shards and {bench['samples']:,} samples "
+             f"({bench['classes']:,} classes), a converter-style manifest of "
+             f"{bench['manifest_kib']:,} KiB and a real {bench['index_mib']} MiB `index.bin`; "
+             f"each of {bench['repeat']} repetition(s) in a fresh process, the index in the page "
+             f"cache; ms).", ""]
+            + table(["phase", "median ms", "worst ms"], rows)
+            + ["", f"{bench['opened_samples']:,} samples opened, {bench['steps_per_epoch']:,} "
+                   f"steps an epoch; peak memory growth "
+                   f"{fmt(bench['peak_rss_growth_mib_median'], 1)} MiB (median; "
+                   + (f"{fmt(open_index, 1)} MiB up to the checked index, the rest the epoch's "
+                      f"order; " if open_index is not None else "")
+                   + f"{bench['memory_method']}); {bench['open_files_delta']} more open file(s) "
+                   f"after opening."])
+
+
+def remote_epoch_section(bench: Mapping[str, Any]) -> list[str]:
+    """`bench/bench_remote_epoch.py`: one epoch over HTTP through injected faults."""
+    if not bench.get("ok"):
+        return [f"**One remote epoch through a flaky server** (`bench/bench_remote_epoch.py`): "
+                f"**failed**: {bench['samples_read']:,} of {bench['manifest_samples']:,} samples "
+                f"read, {bench['lost']:,} lost, {bench['duplicated']:,} duplicated; "
+                f"{bench.get('error') or 'no error raised'}."]
+    faults, retries = bench["faults_injected"], bench["retries_observed"]
+    meaning = {"503": "HTTP 503", "drop": "body cut half-way, Content-Length sent",
+               "drop-nolength": "body cut half-way, no Content-Length",
+               "stall": f"no reply for {bench['stall_s']:g} s (> the timeout)",
+               "slow": f"reply after {bench['slow_s']:g} s (< the timeout: not to be retried)"}
+    # each fault is retried once, except the reply that is slow but within the timeout
+    rows = [[f"`{kind}`: {meaning.get(kind, kind)}", str(count), str(retries.get(kind, 0)),
+             "yes" if retries.get(kind, 0) == (0 if kind == "slow" else count) else "**no**"]
+            for kind, count in faults.items()]
+    env = ", ".join(f"`{k}={v}`" for k, v in bench["fetch_env"].items())
+    epoch = bench["epoch_s_median"]
+    lost = bench["lost"] + bench["duplicated"] + bench["unexpected"] + bench["wrong_labels"]
+    return ([f"**One remote epoch through a flaky server** (`bench/bench_remote_epoch.py`, "
+             f"{bench['machine']}: {bench['samples']:,} JPEGs in {bench['shards']} shards from "
+             f"the converter, {bench['served_kib']:,} KiB served over HTTP on 127.0.0.1; "
+             f"`train_loader` with {bench['workers']} worker(s), batch {bench['batch']}; a fresh "
+             f"`SEED_SHARD_CACHE` per run; {env}; faults on a fixed seeded schedule).", ""]
+            + table(["fault injected", "times", "retried", "as expected"], rows)
+            + ["", f"Samples read {bench['samples_read']:,} of the manifest's "
+                   f"{bench['manifest_samples']:,}: {lost} lost, duplicated or mislabelled, "
+                   f"{bench['replaced_unreadable']} replaced (nothing lost: "
+                   f"{verdict(lost + bench['replaced_unreadable'] == 0)}); "
+                   f"{bench['resumed_with_range']} downloads resumed with `Range`; "
+                   f"{bench['requests']} requests for {bench['files']} files "
+                   f"(healthy: {bench['healthy_requests']}); the cache holds only verified "
+                   f"files: {'yes' if bench['cache_intact'] else '**no**'}. The epoch (open + "
+                   f"every batch, median of {bench['repeat']}) took {epoch['flaky']:.2f} s "
+                   f"against {epoch['healthy']:.2f} s from the same server without faults."])
+
+
 def pipeline_section(metrics: Path) -> list[str]:
     """The committed run's data wait per training stage and its DVC + start-up overhead."""
     rows = []
@@ -268,7 +334,8 @@ def gpu_section(gpu: Mapping[str, Any]) -> list[str]:
 SECTIONS: list[tuple[str, Callable[[Mapping[str, Any]], list[str]]]] = [
     ("versions", versions_section), ("step", step_section), ("levers", levers_section),
     ("loader", loader_section), ("knn", knn_section), ("linear", linear_section),
-    ("shards", shards_section), ("gpu_check", gpu_section)]
+    ("shards", shards_section), ("open_shards", open_shards_section),
+    ("remote_epoch", remote_epoch_section), ("gpu_check", gpu_section)]
 
 
 def render(results: Path = RESULTS, metrics: Path = ROOT / "metrics") -> str:
