@@ -11,11 +11,11 @@ through their environment variables (`SEED_FETCH_TIMEOUT_S`, `SEED_FETCH_RETRIES
 
 The flaky server injects, on a schedule drawn from `--seed` (the first requests of randomly
 chosen files), 503s (one file gets two in a row), a connection dropped half-way through the body
-with a Content-Length (an `IncompleteRead`, resumed with `Range`) and one without (a clean,
-short, close-delimited body that only the manifest's size catches), a response stalled longer
-than the timeout (retried), and one delayed less than the timeout (`slow`: it must *not* be
-retried). Dropped bodies never hit `manifest.json`, whose size the client cannot know. Each run
-alternates with a run against the same server without faults (`--repeat` pairs; medians).
+with a Content-Length (a short body, resumed with `Range`) and one without (a clean, short,
+close-delimited body that only the manifest's size catches), a response stalled longer than the
+timeout (retried), and one delayed less than the timeout (`slow`: it must *not* be retried).
+`manifest.json`, whose size the client cannot know, is always cut short twice first: once under
+a Content-Length, once without (invalid JSON: fetched whole again). Each run alternates with a run against the same server without faults (`--repeat` pairs; medians).
 
 Reported: the samples read against the manifest's count, by key (lost, duplicated, unexpected,
 wrong label, replaced as unreadable: all must be zero), the faults injected by kind, the retries
@@ -161,15 +161,20 @@ class FlakyServer:
 
 
 def fault_schedule(names: list[str], seed: int) -> dict[str, list[str]]:
-    """Faults for the first requests of files drawn with `seed`: three 503s (two in a row on
-    one file), one of each other kind; bodies are never dropped on `manifest.json`."""
+    """Faults for the first requests of files: `manifest.json` cut short with and without a
+    Content-Length, then, on other files drawn with `seed`, three 503s (two in a row on one
+    file) and one of each other kind, spread so that no file gets more than two."""
     rng = random.Random(seed)
     schedule: dict[str, list[str]] = collections.defaultdict(list)
-    twice = rng.choice(names)
+    others = [n for n in names if n != "manifest.json"]  # 3 attempts (--retries 2) suffice
+    if len(others) < len(names):
+        schedule["manifest.json"] += ["drop", "drop-nolength"]
+    twice = rng.choice(others)
     schedule[twice] += ["503", "503"]
-    for fault in ("503", "drop", "drop-nolength", "stall", "slow"):
-        allowed = [n for n in names if not (n == "manifest.json" and fault.startswith("drop"))]
-        schedule[rng.choice(allowed)].append(fault)
+    # spread over the other files, so that no file needs more than 3 attempts (--retries 2)
+    rest = rng.sample([n for n in others if n != twice] or [twice], k=len(others) - 1 or 1)
+    for i, fault in enumerate(("503", "drop", "drop-nolength", "stall", "slow")):
+        schedule[rest[i % len(rest)]].append(fault)
     return dict(sorted(schedule.items()))
 
 

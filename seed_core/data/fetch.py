@@ -47,7 +47,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from seed_core.io import UserError, is_disk_full
 
@@ -124,17 +124,21 @@ def _part_size(part: Path) -> int:
         return 0
 
 
-def _copy_stream(source, part: Path, append: bool) -> None:
+def _copy_stream(source, part: Path, append: bool) -> int:
+    """Copy `source` to its end into `part`; returns the bytes copied."""
+    copied = 0
     try:
         with open(part, "ab" if append else "wb") as out:
             while chunk := source.read(CHUNK_BYTES):
                 out.write(chunk)
+                copied += len(chunk)
     except OSError as err:
         if is_disk_full(err):
             raise FetchError(f"{part.parent}: no space left while writing {part.name} "
                              f"({os.strerror(err.errno)}); free space there or point "
                              f"SEED_SHARD_CACHE at a larger disk") from None
         raise
+    return copied
 
 
 def _http_attempt(url: str, part: Path, size: int | None, policy: FetchPolicy) -> None:
@@ -163,7 +167,14 @@ def _http_attempt(url: str, part: Path, size: int | None, policy: FetchPolicy) -
                 part.unlink(missing_ok=True)
                 raise _Retry(f"a resume at byte {have:,} got Content-Range {content_range!r}")
             append = True
-        _copy_stream(response, part, append)  # a 200 to a Range request: the whole file again
+        copied = _copy_stream(response, part, append)  # a 200 to a Range request: whole again
+        # http.client's read(n) ends quietly, without IncompleteRead, when the connection closes
+        # before Content-Length bytes: only this count catches a drop where the manifest has
+        # no size (an older converter) or the file is the manifest itself
+        announced = response.headers.get("Content-Length", "")
+        if announced.isdigit() and copied < int(announced):
+            raise _Retry(f"connection closed after {copied:,} of the {int(announced):,} bytes "
+                         f"announced (IncompleteRead)")  # the prefix stays: resumed by Range
 
 
 def _pipe_attempt(command: str, part: Path, policy: FetchPolicy) -> None:
@@ -218,10 +229,13 @@ def _problem(part: Path, size: int | None, sha256: str | None) -> str | None:
 
 
 def fetch_to(location: str, name: str, part: Path, *, size: int | None = None,
-             sha256: str | None = None, policy: FetchPolicy | None = None) -> None:
+             sha256: str | None = None, policy: FetchPolicy | None = None,
+             check: Callable[[bytes], str | None] | None = None) -> None:
     """Fetch remote file `name` of `location` into `part`, verified against `size` and
-    `sha256` when given; retried with exponential backoff, resumed where HTTP allows. Raises
-    FetchError, leaving no `part`, when it cannot."""
+    `sha256` when given, and by `check` (the whole content -> why it is not the file, or None;
+    for small files that carry no size, such as the manifest) when given; retried with
+    exponential backoff, resumed where HTTP allows. Raises FetchError, leaving no `part`, when
+    it cannot."""
     policy = policy or FetchPolicy.from_env()
     source = source_of(location, name)
     if location.startswith("pipe:") and "{name}" not in location:
@@ -241,6 +255,10 @@ def fetch_to(location: str, name: str, part: Path, *, size: int | None = None,
             else:
                 _fsspec_attempt(source, part)
             reason = _problem(part, size, sha256) or ""
+            if not reason and check is not None:
+                reason = check(part.read_bytes()) or ""
+                if reason:  # e.g. cut short without a Content-Length: fetch it whole again
+                    part.unlink(missing_ok=True)
             if not reason:
                 return
         except _Retry as err:
@@ -258,11 +276,13 @@ def fetch_to(location: str, name: str, part: Path, *, size: int | None = None,
                      f"the server")
 
 
-def fetch_bytes(location: str, name: str, policy: FetchPolicy | None = None) -> bytes:
-    """The bytes of a small remote file (the manifest), fetched with the same retries."""
+def fetch_bytes(location: str, name: str, policy: FetchPolicy | None = None,
+                check: Callable[[bytes], str | None] | None = None) -> bytes:
+    """The bytes of a small remote file (the manifest), fetched with the same retries and
+    verified by `check` (see `fetch_to`)."""
     with tempfile.TemporaryDirectory(prefix="seed-fetch-") as tmp:
         part = Path(tmp) / (Path(name).name + PART_SUFFIX)
-        fetch_to(location, name, part, policy=policy)
+        fetch_to(location, name, part, policy=policy, check=check)
         return part.read_bytes()
 
 

@@ -77,11 +77,11 @@ def is_remote(location: str) -> bool:
 _file_lock = fetch.file_lock
 
 
-def fetch_bytes(location: str, name: str) -> bytes:
+def fetch_bytes(location: str, name: str, check=None) -> bytes:
     """The bytes of a small file `name` under a remote `location` (http(s), pipe: or fsspec),
-    fetched with the retries of `seed_core.data.fetch`."""
+    fetched with the retries of `seed_core.data.fetch` and verified by `check` (see there)."""
     try:
-        return fetch.fetch_bytes(location, name)
+        return fetch.fetch_bytes(location, name, check=check)
     except FetchError as err:
         raise ShardError(str(err)) from None
 
@@ -462,6 +462,16 @@ class ShardSet:
                              f"{MAX_MEMBER_BYTES:,} allowed (or a negative offset); refused")
 
 
+def _json_problem(raw: bytes) -> str | None:
+    """Why `raw` is not a JSON document, or None."""
+    try:
+        json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return (f"not valid JSON ({err}): cut short by the network, or not a manifest written "
+                f"by stages/shards.py")
+    return None
+
+
 def open_shards(location: str | os.PathLike) -> ShardSet:
     """Open the shards under `location` (a directory or a URL prefix, see the module doc).
 
@@ -474,7 +484,9 @@ def open_shards(location: str | os.PathLike) -> ShardSet:
     remote = is_remote(text)
     cache_dir = None
     if remote:
-        raw = fetch_bytes(text, MANIFEST_NAME)
+        # the manifest has no size to check it against: a body cut short without a
+        # Content-Length shows as invalid JSON, retried like any other network fault
+        raw = fetch_bytes(text, MANIFEST_NAME, check=_json_problem)
         digest = hashlib.sha256(text.encode() + b"\0" + raw).hexdigest()[:20]
         cache_dir = cache_root() / digest
         clean_stale_parts(cache_dir)  # of downloads killed long ago
@@ -488,7 +500,7 @@ def open_shards(location: str | os.PathLike) -> ShardSet:
         raw = path.read_bytes()
     try:
         manifest = json.loads(raw)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ShardError(f"{where}: not valid JSON ({err}); {_CREATE_SHARDS}") from None
     check_manifest(manifest, where)
     unverified = unverifiable_files(manifest)
