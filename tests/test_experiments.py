@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from seed_core.report.experiments import BEGIN, END, collect, main, merge_rows, table
+from seed_core.report.experiments import BEGIN, END, collect, main, merge_rows, section, table
 
 
 def run(x: dict, summary: dict, paired: dict, name: str, rev: str) -> dict:
@@ -87,3 +87,30 @@ def test_collecting_keeps_the_rows_of_earlier_clones_and_replaces_rerun_ones() -
     merged = merge_rows(kept, collected)
     assert [(r["name"], r["base_commit"], r["v"]) for r in merged] == [
         ("old-a", "aaa", 1), ("same", "aaa", 1), ("same", "bbb", 2), ("new", "bbb", 2)]
+
+
+def test_runs_with_holdout_values_are_ranked_on_them_without_test_numbers() -> None:
+    def row(name: str, seed_knn: float | None, seed_linear: float | None) -> dict:
+        return {"name": name, "changed": {"distill.t_teacher": 0.01} if name != "main" else {},
+                "top1": {m: {"knn": 99.99, "linear": 99.99} for m in ("teacher", "baseline",
+                                                                      "student")},
+                "holdout_top1": {"teacher": {"knn": 80.0, "linear": 82.0},
+                                 "baseline": {"knn": 60.0, "linear": 61.5},
+                                 "student": {"knn": seed_knn, "linear": seed_linear}},
+                "seed_vs_baseline": {p: {"difference": 1.0, "p_value": 0.5}
+                                     for p in ("knn", "linear")},
+                "seconds": {"distill": 50.0}, "base_commit": "new"}
+
+    old = {**row("old", None, None), "holdout_top1": None, "base_commit": "9d5bd31"}
+    text = section([old, row("main", 70.0, 72.0), row("better", 74.0, 71.0),
+                    row("half", 80.0, None)])
+    cut = text.index("\n| run | changed |")  # the older runs' table follows the ranked one
+    ranked, rest = text[:cut], text[cut:]
+    lines = [line for line in ranked.splitlines() if line.startswith("| ") and "rank" not in line]
+    # by the mean of SEED's two holdout accuracies (72.5 > 71.0); a run missing one is not ranked
+    assert [line.split(" | ")[1] for line in lines] == ["better", "main"]
+    assert lines[0].startswith("| 1 | better | `distill.t_teacher=0.01` | 72.50 | 80.00 / 82.00 "
+                               "| 60.00 / 61.50 | 74.00 / 71.00 | +14.00 / +9.50 | 50 |")
+    assert "99.99" not in ranked and "p=" not in ranked  # no test-split number in the ranking
+    assert "made from commit `new`" in ranked
+    assert "| old |" in rest and "| half |" in rest and "commits `9d5bd31`, `new`" in rest
