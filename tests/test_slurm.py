@@ -395,14 +395,16 @@ def test_scontrol_requeue_mid_run_resumes_to_the_same_weights(cluster, setup) ->
 
 @pytest.mark.slurm
 def test_a_time_limit_signals_the_job_which_requeues_itself_and_resumes(cluster, setup) -> None:
-    """`--time=1` (SLURM's least) and SIGUSR1 50 s before it: SLURM's 30 s timer sends it 10 to
-    40 s into the run. The ranks are held (SIGSTOP) after their first checkpoint until the batch
-    script has the signal, so that it surely finds them unfinished, as a long run would be; the
-    script passes it on, the rank writes a checkpoint where it stands and stops, and the job
-    requeues itself and resumes there."""
+    """`--time=2` and SIGUSR1 90 s before it: SLURM's 30 s timer sends it 30 to 60 s into the
+    run, after the rank has installed its handler even on a loaded machine (with 10 s, a rank
+    still importing under a concurrent `dvc repro` was killed by the signal's default action, and
+    the requeued run passed nothing this test checks). The ranks are held (SIGSTOP) after their
+    first checkpoint until the batch script has the signal, so that it surely finds them
+    unfinished, as a long run would be; the script passes it on, the rank writes a checkpoint
+    where it stands and stops, and the job requeues itself and resumes there."""
     import psutil
 
-    write_params(setup, nodes=1, time="1", signal_delay_s=50)
+    write_params(setup, nodes=1, time="2", signal_delay_s=90)
     launch, job = launch_to_first_checkpoint(cluster, setup, "time-limit")
     script = str(ROOT / "stages" / "distill.py")
     held = [proc for proc in psutil.process_iter(["cmdline"])
@@ -411,7 +413,7 @@ def test_a_time_limit_signals_the_job_which_requeues_itself_and_resumes(cluster,
     for proc in held:
         proc.suspend()  # the rank and its loader worker (not srun, not the waiting side)
     wait_until(lambda: "SIGUSR1, the time limit is near" in launch.text, launch, "SIGUSR1",
-               timeout=90)
+               timeout=120)
     for proc in held:
         proc.resume()
     assert launch.wait() == 0, launch.text[-4000:]
