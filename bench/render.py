@@ -161,12 +161,20 @@ def loader_section(loader: Mapping[str, Any]) -> list[str]:
              f"{ours[w] / seed[w]:.2f}", f"{ours[w] / loader['step_samples_per_s']:.2f}"]
             for w in ours]
     return (recipes_section(loader) + ([""] if loader.get("recipes_per_core") else [])
-            + [f"**Training loader** (`bench/bench_loader.py`: {loader['samples']:,} "
+            + [f"**Training loader** (`bench/bench_loader.py`{measured_on(loader)}: {loader['samples']:,} "
              f"{loader['image']}s in shards, crop {loader['crop']}, batch {loader['batch']}; the "
              f"SEED step at the default config consumes "
              f"{loader['step_samples_per_s']:,.0f} samples/s).", ""]
             + table(["", "ours samples/s", "SEED TSV loader samples/s", "ours / SEED's",
                      "ours / step"], rows))
+
+
+def measured_on(bench: Mapping[str, Any]) -> str:
+    """", <machine>, load average [...] at the start" where the benchmark recorded them (results
+    of older runs did not)."""
+    if "load_average_at_start" not in bench:
+        return ""
+    return f", {bench['machine']}, load average {bench['load_average_at_start']} at the start"
 
 
 def recipes_section(loader: Mapping[str, Any]) -> list[str]:
@@ -185,7 +193,8 @@ def recipes_section(loader: Mapping[str, Any]) -> list[str]:
                      fmt(row["new"]["cores_for_3000_img_per_s"], 1),
                      fmt(row["new"]["cores_for_10000_img_per_s"], 1),
                      fmt(on_device["cores_for_10000_img_per_s"], 1) if on_device else "–"])
-    return (["**Augmentation per core** (`bench/bench_loader.py`: one process, one thread, "
+    return ([f"**Augmentation per core** (`bench/bench_loader.py`{measured_on(loader)}: one "
+             "process, one thread, "
              "ms per sample of decode + the recipe's whole CPU view, on 500×375 JPEGs cut from "
              "real photos; 805c760's torchvision recipe on float tensors against today's; "
              "goal ≥ 3× per core). The columns with colour on the GPU time the CPU part that "
