@@ -30,7 +30,6 @@ import contextlib
 import io
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -57,6 +56,7 @@ from seed_core.queue import EmbeddingQueue
 from seed_core.train.distill import seed_step
 
 from defaults import DefaultConfig, pipeline_defaults
+from machine import cpu_name, load_average
 
 
 PHOTOS = ("sklearn:datasets/images/china.jpg", "sklearn:datasets/images/flower.jpg",
@@ -282,8 +282,7 @@ def main() -> None:
     parser.add_argument("--recipe-samples", type=int, default=96,
                         help="JPEGs per pass of the per-core recipe comparison")
     args = parser.parse_args()
-    # per-core figures are only comparable on an otherwise idle machine: record what ran beside
-    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    load_at_start = load_average()
     per_core = recipes_per_core(args.recipe_size, args.recipe_samples, args.repeats)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -296,7 +295,7 @@ def main() -> None:
         transform = moco_v2_transform(args.size)
         steps = steps_per_epoch(shards, args.batch)
         result = {"device": str(pick_device()), "threads": torch.get_num_threads(),
-                  "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+                  "machine": f"{cpu_name()}, {os.cpu_count()} CPUs",
                   "load_average_at_start": load_at_start,
                   "samples": args.samples, "image": "500×375 photo JPEG",
                   "teacher": config.teacher, "student": config.student,

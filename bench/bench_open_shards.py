@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_name
+
 IMAGENET_SAMPLES = 1_281_167
 IMAGENET_SHARDS = 1_001  # 1,280 samples a shard: 1,000 full shards and one of 1,167
 TAR_BLOCK = 512
@@ -181,17 +183,6 @@ def run_child(location: Path, batch: int) -> dict:
         raise SystemExit(f"bench_open_shards: a repetition failed (exit {done.returncode}):\n"
                          f"{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
 
 
 TIMES = ("import_s", "open_s", "index_s", "steps_s", "plan_s", "total_s")

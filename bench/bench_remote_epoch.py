@@ -59,6 +59,8 @@ from seed_core.data.convert import convert_tsv_to_shards
 from seed_core.data.transforms import eval_transform
 from seed_core.data.tsv import write_tsv
 
+from machine import cpu_name
+
 RETRYING_FAULTS = ("503", "drop", "drop-nolength", "stall")  # each must be retried
 FAULTS = (*RETRYING_FAULTS, "slow")  # slow: delayed less than the timeout, not retried
 BREAK_KINDS = ("corrupt", "truncate")
@@ -251,17 +253,6 @@ def intact(run: dict) -> bool:
     return (run["error"] is None and run["samples_read"] == run["manifest_samples"]
             and not (run["lost"] or run["duplicated"] or run["unexpected"] or run["wrong_labels"]
                      or run["replaced_unreadable"]) and run["cache_intact"])
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,12 +37,10 @@ import copy
 import dataclasses
 import json
 import os
-import platform
 import resource
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -58,6 +56,7 @@ from seed_core.train.distill import seed_step
 from seed_core.train.step import backward_step
 
 from defaults import pipeline_defaults
+from machine import cpu_name
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -87,16 +86,6 @@ def cases_from(args: argparse.Namespace) -> dict[str, Case]:
     if unknown:
         raise SystemExit(f"unknown --cases {unknown}; choose from {sorted(out)}")
     return {name: out[name] for name in args.cases}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def synchronize(device: torch.device) -> None:

@@ -161,8 +161,8 @@ def loader_section(loader: Mapping[str, Any]) -> list[str]:
              f"{ours[w] / seed[w]:.2f}", f"{ours[w] / loader['step_samples_per_s']:.2f}"]
             for w in ours]
     return (recipes_section(loader) + ([""] if loader.get("recipes_per_core") else [])
-            + [f"**Training loader** (`bench/bench_loader.py`{measured_on(loader)}: {loader['samples']:,} "
-             f"{loader['image']}s in shards, crop {loader['crop']}, batch {loader['batch']}; the "
+            + [f"**Training loader** (`bench/bench_loader.py`{measured_on(loader)}: "
+             f"{loader['samples']:,} {loader['image']}s in shards, crop {loader['crop']}, batch {loader['batch']}; the "
              f"SEED step at the default config consumes "
              f"{loader['step_samples_per_s']:,.0f} samples/s).", ""]
             + table(["", "ours samples/s", "SEED TSV loader samples/s", "ours / SEED's",
@@ -229,8 +229,7 @@ def open_shards_section(bench: Mapping[str, Any]) -> list[str]:
             for label, key in phases]
     open_index = bench.get("peak_rss_growth_open_index_mib_median")
     size = "an ImageNet-sized" if bench["samples"] == 1_281_167 else "a"
-    return ([f"**Opening {size} shard set** (`bench/bench_open_shards.py`, "
-             f"{bench['machine']}, load average {bench['load_average_at_start']} at the start: "
+    return ([f"**Opening {size} shard set** (`bench/bench_open_shards.py`{measured_on(bench)}: "
              f"a synthetic set of {bench['shards']:,} shards and {bench['samples']:,} samples "
              f"({bench['classes']:,} classes), a converter-style manifest of "
              f"{bench['manifest_kib']:,} KiB and a real {bench['index_mib']} MiB `index.bin`; "
