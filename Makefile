@@ -81,8 +81,10 @@ reproduce: install fashion-mnist
 	time dvc repro reproduce/dvc.yaml
 	@echo; cat reports/reproduce.md
 
+# two xdist workers, one test module at a time on a worker (tests/conftest.py says why)
+PYTEST_WORKERS ?= 2
 test: install fashion-mnist slurm
-	python -m pytest -q
+	python -m pytest -q -n $(PYTEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 # the unit tests only (no end-to-end dvc repro, no fault injection into real processes, no SLURM)
 test-fast: install

@@ -72,3 +72,32 @@ def converted_shards(root: Path, keys: list[str], size: tuple[int, int], seed: i
     write_tsv(root / "t.tsv", rows)
     convert_tsv_to_shards(root / "t.tsv", root / "shards", shard_size=10, workers=1)
     return root / "shards"
+
+
+# `make test` runs the suite on two xdist workers, one module at a time on a worker (--dist
+# loadscope), so that a module-scoped fixture (the whole pipeline's first run, a SLURM cluster, a
+# trained reference) is built once. (xdist's finer --dist loadgroup does not group with pytest 9:
+# it renames the items' `_nodeid`, which pytest 9 no longer reads.) Modules go to the workers in
+# the collection order (--no-loadscope-reorder), and the slow ones are collected first so that
+# neither worker is left with a long tail: the whole-pipeline tests, then the SLURM cluster,
+# then the fault-injection modules, then the rest in file order.
+SLOW_FIRST = ("e2e", "slurm", "faults")
+
+
+def _slowness_rank(item: pytest.Item) -> int:
+    for rank, marker in enumerate(SLOW_FIRST):
+        if item.get_closest_marker(marker) is not None:
+            return rank
+    return len(SLOW_FIRST)
+
+
+class _SlowFirst:
+    # a plugin of its own so that its hook runs last: after pytest's ordering of the items by
+    # fixture scope
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        items.sort(key=_slowness_rank)  # stable: the file order holds within a rank
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_SlowFirst(), "seed-slow-first")

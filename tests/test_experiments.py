@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from seed_core.report.experiments import BEGIN, END, collect, main, merge_rows, section, table
+from seed_core.report.experiments import (BEGIN, END, collect, main, merge_rows,
+                                          seed_comparisons, section, table)
 
 
 def run(x: dict, summary: dict, paired: dict, name: str, rev: str) -> dict:
@@ -114,3 +115,63 @@ def test_runs_with_holdout_values_are_ranked_on_them_without_test_numbers() -> N
     assert "99.99" not in ranked and "p=" not in ranked  # no test-split number in the ranking
     assert "made from commit `new`" in ranked
     assert "| old |" in rest and "| half |" in rest and "commits `9d5bd31`, `new`" in rest
+
+
+def _seed_row(name: str, changed: dict, seed: int, knn: float, linear: float,
+              teacher_knn: float = 80.0) -> dict:
+    return {"name": name, "changed": changed, "seed": seed, "base_commit": "new",
+            "top1": {m: {"knn": 99.99, "linear": 99.99} for m in ("teacher", "baseline",
+                                                                  "student")},
+            "holdout_top1": {"teacher": {"knn": teacher_knn, "linear": 82.0},
+                             "baseline": {"knn": 60.0, "linear": 61.5},
+                             "student": {"knn": knn, "linear": linear}},
+            "seed_vs_baseline": {p: {"difference": None, "p_value": None}
+                                 for p in ("knn", "linear")},
+            "seconds": {"distill": 50.0}}
+
+
+def test_seed_runs_are_paired_by_seed_against_the_defaults() -> None:
+    lr = {"distill.lr_schedule": "seed"}
+    rows = [_seed_row("main", {}, 0, 70.0, 72.0),
+            _seed_row("seed-1", {"distill.seed": 1}, 1, 68.0, 70.0),
+            _seed_row("seed-2", {"distill.seed": 2}, 2, 71.0, 73.0),
+            _seed_row("lr", lr, 0, 72.0, 73.0),                        # +1.5 on seed 0
+            _seed_row("lr-1", {**lr, "distill.seed": 1}, 1, 71.0, 71.0),  # +2.0 on seed 1
+            _seed_row("lr-2", {**lr, "distill.seed": 2}, 2, 73.0, 74.0),  # +1.5 on seed 2
+            # another teacher: not paired with the defaults above
+            _seed_row("other-t", {"distill.t_teacher": 0.01}, 0, 90.0, 90.0, teacher_knn=50.0),
+            _seed_row("other-t-1", {"distill.t_teacher": 0.01, "distill.seed": 1}, 1, 90.0,
+                      90.0, teacher_knn=50.0),
+            # a single seed: nothing to pair over
+            _seed_row("queue", {"distill.queue_size": 8}, 0, 60.0, 60.0)]
+    (only,) = seed_comparisons(rows)
+    assert only["changed"] == lr and only["seeds"] == [0, 1, 2]
+    assert only["defaults"] == [71.0, 69.0, 72.0] and only["variant"] == [72.5, 71.0, 73.5]
+    assert only["differences"] == pytest.approx([1.5, 2.0, 1.5])
+    # naive paired t-interval: mean 5/3, sd sqrt(1/12), t(0.975, 2 df) = 4.303
+    half = 4.303 * (1 / 12) ** 0.5 / 3 ** 0.5
+    assert only["interval"] == pytest.approx((5 / 3 - half, 5 / 3 + half))
+    text = section(rows)
+    assert ("| `distill.lr_schedule=seed` | 0, 1, 2 | 70.67 ± 1.53 | 72.33 ± 1.26 | "
+            "+1.50 / +2.00 / +1.50 | +1.67 [+0.95, +2.38] |") in text
+    assert "t-interval" in text
+
+
+def test_a_change_within_the_seed_noise_gets_an_interval_that_holds_zero() -> None:
+    rows = [_seed_row("main", {}, 0, 70.0, 72.0), _seed_row("s1", {"distill.seed": 1}, 1, 68.0,
+                                                              70.0),
+            _seed_row("v0", {"x.y": 1}, 0, 72.0, 73.0),
+            _seed_row("v1", {"x.y": 1, "distill.seed": 1}, 1, 67.0, 68.0)]
+    (only,) = seed_comparisons(rows)
+    low, high = only["interval"]
+    assert only["differences"] == pytest.approx([1.5, -1.5]) and low < 0 < high
+
+
+def test_collecting_a_later_commit_replaces_the_same_run_read_again() -> None:
+    kept = [{**_seed_row("a83de80", {}, 0, 70.0, 72.0), "base_commit": "a83de80"},
+            {**_seed_row("lr", {"x": 1}, 0, 71.0, 72.0), "base_commit": "a83de80"}]
+    collected = [{**_seed_row("68ed048", {}, 0, 70.0, 72.0), "base_commit": "68ed048"},
+                 {**_seed_row("s1", {"distill.seed": 1}, 1, 69.0, 72.0),
+                  "base_commit": "68ed048"}]
+    merged = merge_rows(kept, collected)
+    assert [r["name"] for r in merged] == ["lr", "68ed048", "s1"]

@@ -395,25 +395,31 @@ def test_scontrol_requeue_mid_run_resumes_to_the_same_weights(cluster, setup) ->
 
 @pytest.mark.slurm
 def test_a_time_limit_signals_the_job_which_requeues_itself_and_resumes(cluster, setup) -> None:
-    """`--time=2` and SIGUSR1 90 s before it: SLURM's 30 s timer sends it 30 to 60 s into the
-    run, after the rank has installed its handler even on a loaded machine (with 10 s, a rank
-    still importing under a concurrent `dvc repro` was killed by the signal's default action, and
-    the requeued run passed nothing this test checks). The ranks are held (SIGSTOP) after their
-    first checkpoint until the batch script has the signal, so that it surely finds them
-    unfinished, as a long run would be; the script passes it on, the rank writes a checkpoint
-    where it stands and stops, and the job requeues itself and resumes there."""
+    """`--time=3` and SIGUSR1 90 s before it: SLURM's 30 s timer sends it 90 to 120 s into the
+    run, after the rank has installed its handler even on a loaded machine. (With `--time=2`,
+    30 to 60 s in, a rank still importing beside the other xdist worker's `dvc repro` was killed
+    by the signal's default action before its first checkpoint; with 10 s, beside a concurrent
+    `dvc repro`. The requeued run then passed nothing this test checks.) The ranks are held
+    (SIGSTOP) after their first checkpoint until the batch script has the signal, so that it
+    surely finds them unfinished, as a long run would be; the script passes it on, the rank
+    writes a checkpoint where it stands and stops, and the job requeues itself and resumes
+    there."""
     import psutil
 
-    write_params(setup, nodes=1, time="2", signal_delay_s=90)
+    write_params(setup, nodes=1, time="3", signal_delay_s=90)
     launch, job = launch_to_first_checkpoint(cluster, setup, "time-limit")
+    assert "SIGUSR1" not in launch.text and "(run 2)" not in launch.text, (
+        "the time limit's signal came before the rank's first checkpoint (the machine is too "
+        f"loaded for the 90 s this test allows): {launch.text[-3000:]}")
     script = str(ROOT / "stages" / "distill.py")
     held = [proc for proc in psutil.process_iter(["cmdline"])
             if (proc.info["cmdline"] or [])[1:2] == [script]
             and any("time-limit" in a for a in proc.info["cmdline"])]
+    assert held, "found no rank of the time-limit job to hold"
     for proc in held:
         proc.suspend()  # the rank and its loader worker (not srun, not the waiting side)
     wait_until(lambda: "SIGUSR1, the time limit is near" in launch.text, launch, "SIGUSR1",
-               timeout=120)
+               timeout=180)
     for proc in held:
         proc.resume()
     assert launch.wait() == 0, launch.text[-4000:]

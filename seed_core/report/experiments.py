@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping
 
+from seed_core.evaluation.stats import mean_interval, seed_spread
 from seed_core.io import read_json, splice_section, write_json
 from seed_core.report.tables import p_label
 
@@ -28,6 +29,7 @@ BEGIN, END = "<!-- experiments: begin -->", "<!-- experiments: end -->"
 MODELS = ("teacher", "baseline", "student")
 PROTOCOLS = ("knn", "linear")
 TRAINING_METRICS = ("pretrain_teacher.json", "pretrain_baseline.json", "distill.json")
+SEED_KEY = "distill.seed"  # the student's seed: what the seeds table varies, teacher held fixed
 
 
 def flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -55,7 +57,7 @@ def run_row(name: str, data: Mapping[str, Any], base_params: Mapping[str, Any]) 
     paired = _file_data(metrics, "paired.json")
     changed = {k: v for k, v in params.items() if base_params.get(k) != v}
     return {
-        "name": name, "changed": changed,
+        "name": name, "changed": changed, "seed": params.get(SEED_KEY),
         "top1": {model: {p: summary.get(model, {}).get(f"{p}_top1") for p in PROTOCOLS}
                  for model in MODELS},
         # what the kNN (k, T) and the linear lr were chosen on: ranking runs by it keeps the
@@ -90,10 +92,21 @@ def collect(shown: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def merge_rows(kept: list[dict[str, Any]], collected: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The committed rows, then the collected ones: a collected row replaces a kept row of the
-    same name and base commit. Experiments live in local git refs that a clone lacks, so rows
-    of earlier sessions are kept rather than lost."""
+    same name and base commit, or one with the same params and accuracies (the same run, read
+    again from a later commit whose outputs did not change). Experiments live in local git refs
+    that a clone lacks, so rows of earlier sessions are kept rather than lost."""
     fresh = {(row["name"], row.get("base_commit")) for row in collected}
-    return [row for row in kept if (row["name"], row.get("base_commit")) not in fresh] + collected
+    same_run = {_run_identity(row) for row in collected} - {None}
+    return [row for row in kept if (row["name"], row.get("base_commit")) not in fresh
+            and _run_identity(row) not in same_run] + collected
+
+
+def _run_identity(row: Mapping[str, Any]) -> str | None:
+    """Params and accuracies, or None for a row that recorded no accuracies."""
+    if not row.get("top1") and not row.get("holdout_top1"):
+        return None
+    return json.dumps([row.get("changed"), row.get("top1"), row.get("holdout_top1")],
+                      sort_keys=True)
 
 
 def _pct(value: Any) -> str:
@@ -177,6 +190,66 @@ def holdout_table(rows: list[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _seed_of(row: Mapping[str, Any]) -> Any:
+    return row.get("seed", row["changed"].get(SEED_KEY))
+
+
+def _variant(row: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    """What a run changed apart from the student's seed (empty: the defaults)."""
+    return tuple(sorted((k, json.dumps(v)) for k, v in row["changed"].items() if k != SEED_KEY))
+
+
+def _upstream(row: Mapping[str, Any]) -> str:
+    """The teacher's and the baseline's holdout accuracies: runs that differ in them did not
+    distil from the same teacher, and are not paired."""
+    top1 = row.get("holdout_top1") or {}
+    return json.dumps([top1.get(m) for m in ("teacher", "baseline")], sort_keys=True)
+
+
+def seed_comparisons(rows: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each variant that was run at two or more student seeds that the defaults were run at
+    too (same teacher and baseline), against the defaults: per-seed holdout scores, their
+    differences paired by seed, and the 95% t-interval of the mean difference. A later row of
+    the same variant and seed replaces an earlier one."""
+    by_key: dict[tuple[Any, ...], Mapping[str, Any]] = {}
+    for row in rows:
+        if holdout_score(row) is not None and _seed_of(row) is not None:
+            by_key[(_upstream(row), _variant(row), _seed_of(row))] = row
+    out = []
+    for upstream, variant in sorted({(u, v) for u, v, _ in by_key if v}):
+        seeds = sorted(s for u, v, s in by_key if (u, v) == (upstream, variant)
+                       and (upstream, (), s) in by_key)
+        if len(seeds) < 2:
+            continue
+        ours = [holdout_score(by_key[(upstream, variant, s)]) for s in seeds]
+        defaults = [holdout_score(by_key[(upstream, (), s)]) for s in seeds]
+        differences = [a - b for a, b in zip(ours, defaults)]
+        mean, low, high = mean_interval(differences)
+        out.append({"changed": dict((k, json.loads(v)) for k, v in variant), "seeds": seeds,
+                    "variant": ours, "defaults": defaults, "differences": differences,
+                    "mean_difference": mean, "interval": (low, high)})
+    return out
+
+
+def _spread_text(values: list[float]) -> str:
+    spread = seed_spread(values)
+    return f"{spread.mean:.2f} ± {spread.std:.2f}"
+
+
+def seeds_table(comparisons: list[Mapping[str, Any]]) -> str:
+    lines = ["| changed | student seeds | defaults | with the change | change − defaults, per "
+             "seed | mean change, 95% t-interval |", "|---|---|--:|--:|--:|--:|"]
+    for c in comparisons:
+        changed = ", ".join(f"`{k}={v}`" for k, v in sorted(c["changed"].items()))
+        low, high = c["interval"]
+        lines.append(
+            f"| {changed} | {', '.join(str(s) for s in c['seeds'])} | "
+            f"{_spread_text(c['defaults'])} | {_spread_text(c['variant'])} | "
+            f"{' / '.join(f'{d:+.2f}' for d in c['differences'])} | "
+            f"{c['mean_difference']:+.2f} [{low:+.2f}, {high:+.2f}] |")
+    return "\n".join(lines)
+
+
 def _made_from(rows: list[Mapping[str, Any]]) -> str:
     commits = sorted({row.get("base_commit") for row in rows if row.get("base_commit")})
     return (f"made from commit{'s' if len(commits) > 1 else ''} "
@@ -198,6 +271,14 @@ def section(rows: list[Mapping[str, Any]]) -> str:
             f"holdout predictions are not kept per run). The test split is scored for the "
             f"committed defaults only: the results above. `distill s`: the stage's own seconds. "
             f"The runs were {_made_from(ranked)}.\n")
+    comparisons = seed_comparisons(ranked)
+    if comparisons:
+        parts.append(
+            f"{seeds_table(comparisons)}\n\nThe same holdout score (SEED's mean of kNN and "
+            f"linear top-1, %) over student seeds (`{SEED_KEY}`; the teacher and the baseline "
+            f"fixed): mean ± sample std, the differences paired by seed, and the 95% "
+            f"t-interval of their mean (a paired t-test: an interval that holds 0 is no "
+            f"evidence of a difference at 5%).\n")
     if older:
         parts.append(
             f"{table(older)}\n\nOlder runs, {_made_from(older)}, which recorded test-split "
