@@ -114,6 +114,7 @@ bench: install
 	$(call bench_run,open_shards)
 	$(call bench_run,remote_epoch)
 	$(call bench_run,versions)
+	$(call bench_run,startup)
 	@if ls -d $(LINEAR_BENCH_INPUTS) >/dev/null 2>&1; then \
 	  $(call bench_run,linear,$(LINEAR_BENCH_ARGS)); \
 	else \

@@ -315,6 +315,30 @@ def pipeline_section(metrics: Path) -> list[str]:
     return lines
 
 
+def startup_section(bench: Mapping[str, Any]) -> list[str]:
+    """`bench/bench_startup.py`: each program's start-up, the floors, the sum over `dvc.lock`."""
+    floors = bench["floors_s"]
+    rows = []
+    for name, seconds in sorted(bench["startup_s"].items(), key=lambda item: -item[1]):
+        top = bench["top_imports"].get(name, [])
+        rows.append([f"`{name}`", f"{seconds:.2f}",
+                     ", ".join(f"{t['package']} {t['seconds']:.2f}" for t in top) or "–"])
+    total, removable = bench["sum_startup_s"], bench["removable_by_lazier_imports_s"]
+    whole = "" if bench.get("complete", True) else " (**not every stage timed**)"
+    return ([f"**Process start-up** (`bench/bench_startup.py`: median of {bench['repeat']} fresh "
+             f"processes to the end of argument parsing, `--help`{measured_on(bench)}; seconds). "
+             f"Floors: " + ", ".join(f"{name} {value:.2f}" for name, value in floors.items())
+             + ".", ""]
+            + table(["program", "start-up", "slowest top-level imports (cumulative)"], rows)
+            + ["", f"Over the {len(bench['stages'])} stages of the committed `dvc.lock`{whole}, "
+                   f"the processes they start take {total:.1f} s to reach their work, before "
+                   f"DVC's own time between them and the MLflow import of tracked stages; cutting "
+                   f"every process to `import torch` would remove {removable:.1f} s of it. Goal "
+                   f"for DVC and start-up together: ≤ {bench['overhead_goal_s']:.0f} s; "
+                   + ("start-up alone is within it, DVC's time adds to it." if total
+                      <= bench["overhead_goal_s"] else "**missed** by start-up alone.")])
+
+
 def gpu_section(gpu: Mapping[str, Any]) -> list[str]:
     """`bench/gpu_check.sh`'s summary JSON, from a run on a GPU machine."""
     rows = [[name, fmt(case["images_per_s"], 0), fmt(case["reference_images_per_s"], 0),
@@ -343,7 +367,8 @@ SECTIONS: list[tuple[str, Callable[[Mapping[str, Any]], list[str]]]] = [
     ("versions", versions_section), ("step", step_section), ("levers", levers_section),
     ("loader", loader_section), ("knn", knn_section), ("linear", linear_section),
     ("shards", shards_section), ("open_shards", open_shards_section),
-    ("remote_epoch", remote_epoch_section), ("gpu_check", gpu_section)]
+    ("remote_epoch", remote_epoch_section), ("startup", startup_section),
+    ("gpu_check", gpu_section)]
 
 
 def render(results: Path = RESULTS, metrics: Path = ROOT / "metrics") -> str:

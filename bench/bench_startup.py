@@ -1,0 +1,128 @@
+"""Benchmark of the stages' process start-up (issue 19: the demo's DVC and start-up overhead);
+prints one JSON object.
+
+Every DVC stage is a fresh Python process (three for the training stages: the launcher
+`python -m seed_core.cluster`, torchrun, the stage), and each pays its imports again. This times,
+in fresh processes (median of `--repeat`), the start-up of each of those programs up to the end
+of its argument parsing (`--help`: module-level imports and argparse, nothing read or written),
+and the floors they cannot go below: the interpreter alone, `import torch`, `import timm` and
+`import mlflow` (imported when a stage's tracking starts, which `--help` does not reach). With
+`-X importtime` it lists, per stage, the top-level packages that take longest to import.
+
+From the committed `dvc.lock` (one entry per stage that `dvc repro` runs, `foreach` expanded) it
+sums, over the stages, the start-up of the processes each command starts, and what would go if
+every process were cut to the `import torch` floor (those already below it kept): the share of
+the demo's overhead that lazier imports could still remove, against the goal of <= 45 s for DVC
+and start-up together.
+
+    python bench/bench_startup.py [--repeat 3] [--stages knn,report]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from machine import cpu_name, load_average
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERHEAD_GOAL_S = 45.0
+FLOORS = {"python": "pass", "import torch": "import torch", "import timm": "import timm",
+          "import mlflow": "import mlflow"}
+LAUNCHER = "seed_core.cluster"
+TORCHRUN = "torch.distributed.run"
+SCRIPT = re.compile(r"stages/([a-z_]+)\.py")
+
+
+def wall(command: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def median_wall(command: list[str], repeat: int) -> float:
+    return statistics.median(wall(command) for _ in range(repeat))
+
+
+def top_imports(command: list[str], count: int = 4) -> list[dict[str, float | str]]:
+    """The top-level packages (depth 0 of `-X importtime`) that take longest, cumulative."""
+    done = subprocess.run([command[0], "-X", "importtime", *command[1:]], cwd=ROOT, check=True,
+                          capture_output=True, text=True)
+    packages: dict[str, float] = {}
+    for line in done.stderr.splitlines():
+        match = re.match(r"import time:\s+\d+ \|\s+(\d+) \| (\S.*)$", line)
+        if match:  # depth 0: the name follows the bar with one space only
+            name = match.group(2).split(".")[0]
+            packages[name] = packages.get(name, 0.0) + int(match.group(1)) / 1e6
+    ranked = sorted(packages.items(), key=lambda item: -item[1])[:count]
+    return [{"package": name, "seconds": round(seconds, 3)} for name, seconds in ranked]
+
+
+def processes_of(cmd: str) -> list[str]:
+    """The programs a stage's command starts, by the names this benchmark times them under."""
+    programs = []
+    if LAUNCHER in cmd:
+        programs += ["launcher", "torchrun"]
+    programs += [f"stages/{name}.py" for name in SCRIPT.findall(cmd)]
+    return programs
+
+
+def lock_commands(lock: Path) -> dict[str, str]:
+    stages = yaml.safe_load(lock.read_text())["stages"]
+    return {name: " ".join(entry["cmd"]) if isinstance(entry["cmd"], list) else entry["cmd"]
+            for name, entry in stages.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--stages", help="comma-separated stage scripts (default: every one "
+                                         "that dvc.lock's commands run)")
+    args = parser.parse_args(argv)
+    python = sys.executable
+    commands = lock_commands(ROOT / "dvc.lock")
+    scripts = sorted({p for cmd in commands.values() for p in processes_of(cmd)
+                      if p.startswith("stages/")})
+    if args.stages:
+        scripts = [f"stages/{name}.py" for name in args.stages.split(",")]
+    load_at_start = load_average()
+    # the launcher has no --help (it prints its usage and exits 1): its module import instead
+    programs = {"launcher": [python, "-c", f"import {LAUNCHER}"],
+                "torchrun": [python, "-m", TORCHRUN, "--help"],
+                **{script: [python, script, "--help"] for script in scripts}}
+    floors = {name: round(median_wall([python, "-c", code], args.repeat), 3)
+              for name, code in FLOORS.items()}
+    startup = {name: round(median_wall(command, args.repeat), 3)
+               for name, command in programs.items()}
+    imports = {name: top_imports(command) for name, command in programs.items()
+               if name.startswith("stages/")}
+    per_stage = {}
+    for stage, cmd in commands.items():
+        started = [p for p in processes_of(cmd) if p in startup]
+        if len(started) == len(processes_of(cmd)) and started:
+            per_stage[stage] = {"processes": started,
+                                "seconds": round(sum(startup[p] for p in started), 3)}
+    total = sum(entry["seconds"] for entry in per_stage.values())
+    # were every process cut to `import torch` at most (those that start below it stay as they are)
+    removable = sum(max(0.0, startup[p] - floors["import torch"])
+                    for entry in per_stage.values() for p in entry["processes"])
+    print(json.dumps({
+        "machine": cpu_name(), "load_average_at_start": load_at_start, "repeat": args.repeat,
+        "python": sys.version.split()[0], "floors_s": floors, "startup_s": startup,
+        "top_imports": imports, "stages": per_stage,
+        "complete": len(per_stage) == len(commands),
+        "sum_startup_s": round(total, 1),
+        "removable_by_lazier_imports_s": round(removable, 1),
+        "overhead_goal_s": OVERHEAD_GOAL_S}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
