@@ -32,9 +32,9 @@ from pathlib import Path
 import yaml
 
 from machine import cpu_name, load_average
+from render import OVERHEAD_GOAL_S  # one goal for the benchmark and the page that judges it
 
 ROOT = Path(__file__).resolve().parents[1]
-OVERHEAD_GOAL_S = 45.0
 FLOORS = {"python": "pass", "import torch": "import torch", "import timm": "import timm",
           "import mlflow": "import mlflow"}
 LAUNCHER = "seed_core.cluster"

@@ -202,6 +202,10 @@ def dvc_code_deps_problems(repo: Path) -> list[str]:
             listed: set[str] = set()
             for entry in listed_code_deps(stages[name], dvc_yaml.parent, repo):
                 listed |= _python_files(repo, entry)
+                if prefix and (repo / entry).is_dir():
+                    problems.append(f"stage {prefix}{name}: its deps list the directory {entry}, "
+                                    f"which this subrepo hashes with its __pycache__; list its "
+                                    f"files")
             missing, extra = sorted(expected - listed), sorted(listed - expected)
             if missing:
                 problems.append(f"stage {prefix}{name}: its deps miss {missing}")
@@ -231,8 +235,10 @@ def fix_dvc_code_deps(repo: Path, dvc_yaml: Path) -> str:
         if dep and stage in scripts and _CODE_DEP.fullmatch(dep.group(2)):
             if not replaced:
                 files = expected_code_deps(repo, scripts[stage], graph)
-                out += [f"{dep.group(1)}- {prefix}{entry}\n"
-                        for entry in compact_code_deps(repo, files)]
+                # a subrepo (reproduce/) hashes a directory outside itself without any
+                # .dvcignore, so `__pycache__` would change the hash: files only there
+                entries = compact_code_deps(repo, files) if up == "." else sorted(files)
+                out += [f"{dep.group(1)}- {prefix}{entry}\n" for entry in entries]
                 replaced = True
             continue
         out.append(line)

@@ -141,11 +141,22 @@ def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
 def repo_root() -> Path:
     """The repository root: `DVC_ROOT` when DVC runs us (it points at the parent repo even for
     `dvc exp run --temp/--queue`), else the nearest parent of the working directory with
-    `dvc.yaml` or `.git`, else the working directory."""
+    `dvc.yaml` or `.git`, else the working directory. A DVC subrepo (`reproduce/`, whose
+    `DVC_ROOT` is itself) belongs to the project above it, so its runs share `mlflow.db`."""
     if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
+        return _outside_subrepos(Path(os.environ["DVC_ROOT"]).resolve())
     cwd = Path.cwd().resolve()
     for candidate in (cwd, *cwd.parents):
         if (candidate / "dvc.yaml").exists() or (candidate / ".git").exists():
-            return candidate
+            return _outside_subrepos(candidate)
     return cwd
+
+
+def _outside_subrepos(root: Path) -> Path:
+    """`root`, or the DVC project that holds it when `root` is a subrepo of one (a directory
+    with `.dvc/` or `dvc.yaml` inside a project's git work tree, below its top)."""
+    while not (root / ".git").exists() and root.parent != root and (
+            (root.parent / ".dvc").is_dir() or (root.parent / ".git").exists()) and (
+            (root.parent / "dvc.yaml").exists()):
+        root = root.parent
+    return root

@@ -56,6 +56,30 @@ def test_rows_keep_what_changed_and_the_headline_numbers() -> None:
         in text
 
 
+def test_a_run_with_headline_json_reads_the_same_row_from_it() -> None:
+    """Runs since headline.json declare only it and summary.json as metrics; their row equals
+    the row read from the detailed files of older runs."""
+    old = collect(SHOWN)[1]
+    headline = {"holdout": {"teacher": {"knn_top1": None, "linear_top1": None},
+                            "baseline": {"knn_top1": None, "linear_top1": None},
+                            "student": {"knn_top1": 73.0, "linear_top1": None}},
+                "seed_vs_baseline": {p: {"difference": v["student_vs_baseline"]["difference"],
+                                         "p_value": v["student_vs_baseline"]["p_value"]}
+                                     for p, v in PAIRED.items()},
+                "train_seconds": {"student": 87.4}}
+    experiment = run({**BASE, "distill": {"t_teacher": 0.01, "hidden_dim": 0}}, summary(74.0),
+                     {}, "tt001", "b" * 40)
+    experiment["data"]["metrics"] = {
+        "metrics/summary.json": experiment["data"]["metrics"]["metrics/summary.json"],
+        "metrics/headline.json": {"data": headline}}
+    shown = [{**SHOWN[1], "experiments": [{"name": "tt001", "revs": [experiment]}]}]
+    new = collect(shown)[1]
+    assert new == old
+    assert new["holdout_top1"]["student"]["knn"] == 73.0
+    assert new["seconds"] == {"pretrain_teacher": None, "pretrain_baseline": None,
+                              "distill": 87.4}
+
+
 def test_the_holdout_split_is_labelled_and_keeps_the_test_tests_apart() -> None:
     rows = collect(SHOWN)
     assert rows[1]["holdout_top1"]["student"] == {"knn": 73.0, "linear": None}

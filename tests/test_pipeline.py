@@ -126,6 +126,26 @@ def repo(tmp_path_factory, mlflow_server) -> Repo:
     return scratch
 
 
+def test_dvc_metrics_show_lists_the_two_headline_files(repo: Repo) -> None:
+    """Issue 19: the stages' detailed metrics are plain outputs, so `dvc metrics show` is the
+    summary (test top-1/top-5) and the headline (holdout top-1, SEED vs baseline, seconds)."""
+    shown = json.loads(repo.run("dvc", "metrics", "show", "--json").stdout)
+    files = shown[""]["data"]
+    assert sorted(files) == ["metrics/headline.json", "metrics/summary.json"]
+    assert files["metrics/summary.json"]["data"] == repo.read_json("metrics/summary.json")
+    headline = files["metrics/headline.json"]["data"]
+    assert headline["holdout"]["student"]["knn_top1"] == \
+        repo.read_json("metrics/knn_student.json")["holdout"]["top1"]
+    assert headline["seed_vs_baseline"]["linear"]["p_value"] == pytest.approx(
+        repo.read_json("metrics/paired.json")["linear"]["student_vs_baseline"]["p_value"],
+        rel=5e-3)
+    assert set(headline["train_seconds"]) == {"teacher", "baseline", "student"}
+    text = repo.run("dvc", "metrics", "show").stdout.splitlines()
+    assert len(text) == 3, text  # the header and one row per file
+    # 12 + 13 columns (the demo's: 676 characters; it was 22 rows of ~7,100 characters)
+    assert max(map(len, text)) < 800, max(map(len, text))
+
+
 def test_outputs_have_their_contract_shapes(repo: Repo) -> None:
     summary = repo.read_json("metrics/summary.json")
     assert set(summary) == {"teacher", "baseline", "student"}

@@ -541,6 +541,20 @@ def test_features_knn_linear_report_pipeline(tiny_pipeline, monkeypatch):
     assert got["difference"] == pytest.approx(summary["student"]["knn_top1"]
                                               - summary["baseline"]["knn_top1"])
     assert tracker.parent["paired.knn.student_vs_baseline.p_value"] == got["p_value"]
+    # headline.json: the scalars `dvc exp show` compares runs by, equal to their sources
+    headline = json.loads(Path("metrics/headline.json").read_text())
+    assert headline["holdout"]["student"] == {
+        "knn_top1": round(knn_metrics["holdout"]["top1"], 2),
+        "linear_top1": round(lin["holdout"]["top1"], 2)}
+    assert set(headline["holdout"]) == {"teacher", "baseline", "student"}
+    assert headline["seed_vs_baseline"]["knn"] == {
+        "difference": round(got["difference"], 2), "p_value": float(f"{got['p_value']:.3g}")}
+    assert headline["seed_vs_baseline"]["knn"]["p_value"] == pytest.approx(got["p_value"],
+                                                                           rel=5e-3)
+    assert set(headline["seed_vs_baseline"]) == {"knn", "linear"}
+    assert all(isinstance(v, float) for section in headline.values()
+               for row in section.values() for v in (row.values() if isinstance(row, dict)
+                                                     else [row]))
     assert "## Paired tests (same test images)" in md and "| kNN | SEED − baseline |" in md
     assert "## Students over seeds" not in md
     # with `make reproduce`'s results the report adds the table over seeds

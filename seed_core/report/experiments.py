@@ -23,12 +23,11 @@ from typing import Any, Mapping
 
 from seed_core.evaluation.stats import mean_interval, seed_spread
 from seed_core.io import read_json, splice_section, write_json
-from seed_core.report.tables import p_label
+from seed_core.report.tables import TRAINING_FILES, p_label
 
 BEGIN, END = "<!-- experiments: begin -->", "<!-- experiments: end -->"
 MODELS = ("teacher", "baseline", "student")
 PROTOCOLS = ("knn", "linear")
-TRAINING_METRICS = ("pretrain_teacher.json", "pretrain_baseline.json", "distill.json")
 SEED_KEY = "distill.seed"  # the student's seed: what the seeds table varies, teacher held fixed
 
 
@@ -54,22 +53,36 @@ def run_row(name: str, data: Mapping[str, Any], base_params: Mapping[str, Any]) 
     params = flat(_file_data(data.get("params", {}), "params.yaml"))
     metrics = data.get("metrics", {})
     summary = _file_data(metrics, "summary.json")
-    paired = _file_data(metrics, "paired.json")
+    headline = _file_data(metrics, "headline.json")
     changed = {k: v for k, v in params.items() if base_params.get(k) != v}
-    return {
+    row = {
         "name": name, "changed": changed, "seed": params.get(SEED_KEY),
         "top1": {model: {p: summary.get(model, {}).get(f"{p}_top1") for p in PROTOCOLS}
                  for model in MODELS},
-        # what the kNN (k, T) and the linear lr were chosen on: ranking runs by it keeps the
-        # test split for the final numbers only
-        "holdout_top1": {model: {p: (_file_data(metrics, f"{p}_{model}.json").get("holdout")
-                                     or {}).get("top1") for p in PROTOCOLS}
-                         for model in MODELS},
-        "seed_vs_baseline": {p: {key: paired.get(p, {}).get("student_vs_baseline", {}).get(key)
-                                 for key in ("difference", "p_value")} for p in PROTOCOLS},
-        "seconds": {Path(n).stem: _file_data(metrics, n).get("seconds")
-                    for n in TRAINING_METRICS},
     }
+    if headline:
+        holdout, tests = headline.get("holdout") or {}, headline.get("seed_vs_baseline") or {}
+        trained = headline.get("train_seconds") or {}
+        return {**row,
+                # what the kNN (k, T) and the linear lr were chosen on: ranking runs by it keeps
+                # the test split for the final numbers only
+                "holdout_top1": {model: {p: (holdout.get(model) or {}).get(f"{p}_top1")
+                                         for p in PROTOCOLS} for model in MODELS},
+                "seed_vs_baseline": {p: {key: (tests.get(p) or {}).get(key)
+                                         for key in ("difference", "p_value")} for p in PROTOCOLS},
+                "seconds": {Path(TRAINING_FILES[model]).stem: trained.get(model)
+                            for model in MODELS}}
+    # runs made before headline.json (up to commit b4938e5) declared every stage's metrics
+    paired = _file_data(metrics, "paired.json")
+    return {**row,
+            "holdout_top1": {model: {p: (_file_data(metrics, f"{p}_{model}.json").get("holdout")
+                                         or {}).get("top1") for p in PROTOCOLS}
+                             for model in MODELS},
+            "seed_vs_baseline": {p: {key: paired.get(p, {}).get("student_vs_baseline", {})
+                                     .get(key) for key in ("difference", "p_value")}
+                                 for p in PROTOCOLS},
+            "seconds": {Path(n).stem: _file_data(metrics, n).get("seconds")
+                        for n in TRAINING_FILES.values()}}
 
 
 def collect(shown: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -44,6 +44,32 @@ def summary_metrics(summary: Mapping[str, Mapping[str, float]]) -> dict[str, flo
             for key, value in row.items()}
 
 
+# the training stages' metrics files, by the model they trained
+TRAINING_FILES = {"teacher": "pretrain_teacher.json", "baseline": "pretrain_baseline.json",
+                  "student": "distill.json"}
+
+
+def headline_metrics(knn: Mapping[str, Mapping[str, Any]], linear: Mapping[str, Mapping[str, Any]],
+                     paired: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                     seconds: Mapping[str, float]) -> dict[str, Any]:
+    """`metrics/headline.json`, the scalars that runs are compared by, beside `summary.json`'s
+    test accuracies (the two files `dvc metrics show` and `dvc exp show` list; the stages'
+    detailed metrics are plain outputs): `{"holdout": {model: {"knn_top1", "linear_top1"}},
+    "seed_vs_baseline": {protocol: {"difference", "p_value"}}, "train_seconds": {model}}`.
+    Holdout accuracies chose each model's kNN (k, T) and linear lr, so they rank runs; the
+    paired test is on the test split. Rounded to what they resolve: accuracies and differences
+    to 0.01 points, p to 3 significant digits, seconds to 0.1 s."""
+    holdout = {m: {f"{kind}_top1": round(float(metrics[m]["holdout"]["top1"]), 2)
+                   for kind, metrics in (("knn", knn), ("linear", linear))} for m in MODELS}
+    tests = {protocol: {
+        "difference": round(float(pairs["student_vs_baseline"]["difference"]), 2),
+        "p_value": float(f"{float(pairs['student_vs_baseline']['p_value']):.3g}")}
+        for protocol, pairs in paired.items() if "student_vs_baseline" in pairs}
+    train = {m: round(float(seconds[name]), 1) for m, name in TRAINING_FILES.items()
+             if name in seconds}
+    return {"holdout": holdout, "seed_vs_baseline": tests, "train_seconds": train}
+
+
 def method_label(meta: Mapping[str, Any]) -> str:
     """SSL method of a model: from `method` (trained here) or the source checkpoint format."""
     method = meta.get("method")
