@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from seed_core.report.experiments import (BEGIN, END, collect, main, merge_rows,
+from seed_core.report.experiments import (BEGIN, END, collect, holdout_table, main, merge_rows,
                                           seed_comparisons, section, table)
 
 
@@ -199,3 +199,15 @@ def test_collecting_a_later_commit_replaces_the_same_run_read_again() -> None:
                   "base_commit": "68ed048"}]
     merged = merge_rows(kept, collected)
     assert [r["name"] for r in merged] == ["lr", "68ed048", "s1"]
+
+
+def test_runs_of_several_commits_that_share_a_name_are_told_apart() -> None:
+    def row(commit: str, knn: float) -> dict:
+        return {"name": "main", "base_commit": commit, "changed": {}, "seed": 0,
+                "holdout_top1": {"teacher": {"knn": 80.0, "linear": 83.0},
+                                 "baseline": {"knn": 50.0, "linear": 53.0},
+                                 "student": {"knn": knn, "linear": 76.0}},
+                "seconds": {"distill": 77.0}}
+    both = holdout_table([row("142effd", 75.7), row("8eba1b7", 74.5)])
+    assert "| 1 | main @ 142effd |" in both and "| 2 | main @ 8eba1b7 |" in both
+    assert "| 1 | main |" in holdout_table([row("142effd", 75.7)])

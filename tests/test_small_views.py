@@ -86,3 +86,13 @@ def test_the_section_shows_each_change_from_as_trained(tmp_path) -> None:
     assert main(["--out", str(out), "--readme", str(readme)]) == 0
     assert main(["--out", str(out), "--readme", str(readme), "--check"]) == 0
     assert "| teacher | resnet18d | 80.00 |" in readme.read_text()
+
+
+def test_the_readme_section_is_the_committed_measurement() -> None:
+    """README.md's small-views table is rendered from metrics/small_views.json (its prose cites
+    those numbers: re-render and re-read it after a re-measurement)."""
+    assert main(["--out", str(ROOT / "metrics" / "small_views.json"), "--readme",
+                 str(ROOT / "README.md"), "--check"]) == 0
+    results = json.loads((ROOT / "metrics" / "small_views.json").read_text())
+    assert set(results) == {"default", "small-views-2", "teacher"}
+    assert all(r["holdout_samples"] == 1000 and r["bn_images"] == 9000 for r in results.values())

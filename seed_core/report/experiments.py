@@ -185,8 +185,12 @@ def holdout_table(rows: list[Mapping[str, Any]]) -> str:
     lines = ["| rank | run | changed | SEED mean of kNN and lin | teacher kNN / lin | "
              "baseline kNN / lin | SEED kNN / lin | SEED − baseline, kNN / lin | distill s | "
              "command |", "|--:|---|---|--:|--:|--:|--:|--:|--:|---|"]
+    # runs of several commits can share a name ("main"): the commit tells them apart
+    several = len({row.get("base_commit") for row in ranked}) > 1
     for rank, row in enumerate(ranked, 1):
         top1 = row["holdout_top1"]
+        name = (f"{row['name']} @ {row['base_commit']}" if several and row.get("base_commit")
+                else row["name"])
         changed = ", ".join(f"`{k}={v}`" for k, v in sorted(row["changed"].items())) or "–"
         accuracies = " | ".join(
             f"{_pct(top1.get(m, {}).get('knn'))} / {_pct(top1.get(m, {}).get('linear'))}"
@@ -198,7 +202,7 @@ def holdout_table(rows: list[Mapping[str, Any]]) -> str:
             gains.append(f"{seed - base:+.2f}" if both else "–")
         seconds = row["seconds"].get("distill")
         seconds_text = f"{seconds:.0f}" if isinstance(seconds, (int, float)) else "–"
-        lines.append(f"| {rank} | {row['name']} | {changed} | {holdout_score(row):.2f} | "
+        lines.append(f"| {rank} | {name} | {changed} | {holdout_score(row):.2f} | "
                      f"{accuracies} | {' / '.join(gains)} | {seconds_text} | {command(row)} |")
     return "\n".join(lines)
 

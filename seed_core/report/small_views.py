@@ -46,7 +46,7 @@ from seed_core.evaluation.knn import knn_classify
 from seed_core.evaluation.metrics import topk_accuracy
 from seed_core.evaluation.splits import holdout_split
 from seed_core.io import read_json, splice_section, write_json
-from seed_core.precision import to_device
+from seed_core.precision import resolve, to_device
 from seed_core.teachers.canonical import load_canonical
 
 log = logging.getLogger("small_views")
@@ -109,8 +109,12 @@ def measure(model_dir: str, shards_dir: str, params_file: str) -> dict[str, Any]
     encoder, meta = load_canonical(model_dir)
     size = params.data.image_size
 
+    # the features stage's precision (features.precision), so that `as_trained` is the number
+    # the pipeline's kNN stage reports on the holdout
+    precision = resolve(params.features.precision, runtime.device, encoder)
+
     def features(fn: Callable[[torch.Tensor], torch.Tensor], desc: str):
-        return extract_split(fn, shards, transform, params.features.batch_size, 0, "fp32",
+        return extract_split(fn, shards, transform, params.features.batch_size, 0, precision,
                              runtime, desc)
 
     started = time.perf_counter()
@@ -141,6 +145,7 @@ def measure(model_dir: str, shards_dir: str, params_file: str) -> dict[str, Any]
         result["bn_images"] = recompute_bn_statistics(encoder, encoder.features, fit_batches())
         result["bn_recomputed"] = top1(features(encoder.features, "BN recomputed"))
     return {"model": str(model_dir), "arch": meta.get("arch"), **result, "k": k,
+            "precision": precision,
             "temperature": temperature, "holdout_samples": int(hold.numel()),
             "seconds": round(time.perf_counter() - started, 1)}
 
