@@ -358,7 +358,7 @@ def check_experiment_in_mlflow(repo: Repo, uri: str, name: str) -> None:
 
 
 TIMING_KEYS = {"seconds", "images_per_s", "records_per_s", "data_seconds", "compute_seconds",
-               "data_wait_fraction", "started_at", "finished_at"}
+               "data_wait_fraction", "started_at", "finished_at", "train_seconds"}
 
 
 def without_timing(metrics: object) -> object:

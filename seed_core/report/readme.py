@@ -111,9 +111,12 @@ def results_section(metrics_dir: str | Path) -> str:
         parts += [f"Students over seeds (`make reproduce`: {took}; "
                   f"teacher {teacher['arch']}: kNN {teacher['knn_top1']:.2f}, linear "
                   f"{teacher['linear_top1']:.2f}); mean ± sample standard deviation over seeds, "
-                  f"gain = SEED − baseline of the means, gap recovered = gain / (teacher − "
-                  f"baseline), paired tests per seed (that seed's SEED student against that "
-                  f"seed's baseline):", "", seeds_table(reproduce), ""]
+                  f"gain = SEED − baseline of the means, gap recovered = the mean over seeds "
+                  f"of each seed's (SEED − baseline) / (teacher − that seed's baseline) with "
+                  f"its 95% t-interval (the recovery goal of `metrics/reproduce.json` divides "
+                  f"the gain by the teacher − baseline gap of the means), paired tests per seed "
+                  f"(that seed's SEED student against that seed's baseline):", "",
+                  seeds_table(reproduce), ""]
     return "\n".join(parts)
 
 
