@@ -102,15 +102,15 @@ def knn_holdout_top1(features: torch.Tensor, labels: torch.Tensor, fit: torch.Te
 def measure(model_dir: str, shards_dir: str, params_file: str) -> dict[str, Any]:
     """The four kNN holdout top-1s of one canonical model (see the module's docstring)."""
     params = load_params(params_file)
-    runtime = distributed.Runtime(rank=0, world_size=1, local_rank=0,
-                                  device=torch.device("cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runtime = distributed.Runtime(rank=0, world_size=1, local_rank=0, device=device)
     shards = open_shards(shards_dir)
     transform = eval_transform(params.data.image_size)
-    encoder, meta = load_canonical(model_dir)
+    encoder, meta = load_canonical(model_dir, device=device)
     size = params.data.image_size
 
-    # the features stage's precision (features.precision), so that `as_trained` is the number
-    # the pipeline's kNN stage reports on the holdout
+    # the features stage's precision (features.precision), so that `as_trained` is the kNN
+    # stage's holdout grid value at the configured (k, T)
     precision = resolve(params.features.precision, runtime.device, encoder)
 
     def features(fn: Callable[[torch.Tensor], torch.Tensor], desc: str):
@@ -145,8 +145,7 @@ def measure(model_dir: str, shards_dir: str, params_file: str) -> dict[str, Any]
         result["bn_images"] = recompute_bn_statistics(encoder, encoder.features, fit_batches())
         result["bn_recomputed"] = top1(features(encoder.features, "BN recomputed"))
     return {"model": str(model_dir), "arch": meta.get("arch"), **result, "k": k,
-            "precision": precision,
-            "temperature": temperature, "holdout_samples": int(hold.numel()),
+            "temperature": temperature, "precision": precision, "holdout_samples": int(hold.numel()),
             "seconds": round(time.perf_counter() - started, 1)}
 
 
