@@ -53,36 +53,37 @@ def run_row(name: str, data: Mapping[str, Any], base_params: Mapping[str, Any]) 
     params = flat(_file_data(data.get("params", {}), "params.yaml"))
     metrics = data.get("metrics", {})
     summary = _file_data(metrics, "summary.json")
-    headline = _file_data(metrics, "headline.json")
-    changed = {k: v for k, v in params.items() if base_params.get(k) != v}
-    row = {
-        "name": name, "changed": changed, "seed": params.get(SEED_KEY),
+    headline = _file_data(metrics, "headline.json") or _headline_of_older_run(metrics)
+    holdout, tests = headline.get("holdout") or {}, headline.get("seed_vs_baseline") or {}
+    trained = headline.get("train_seconds") or {}
+    return {
+        "name": name, "changed": {k: v for k, v in params.items() if base_params.get(k) != v},
+        "seed": params.get(SEED_KEY),
         "top1": {model: {p: summary.get(model, {}).get(f"{p}_top1") for p in PROTOCOLS}
                  for model in MODELS},
+        # what the kNN (k, T) and the linear lr were chosen on: ranking runs by it keeps the
+        # test split for the final numbers only
+        "holdout_top1": {model: {p: (holdout.get(model) or {}).get(f"{p}_top1")
+                                 for p in PROTOCOLS} for model in MODELS},
+        "seed_vs_baseline": {p: {key: (tests.get(p) or {}).get(key)
+                                 for key in ("difference", "p_value")} for p in PROTOCOLS},
+        "seconds": {Path(TRAINING_FILES[model]).stem: trained.get(model) for model in MODELS},
     }
-    if headline:
-        holdout, tests = headline.get("holdout") or {}, headline.get("seed_vs_baseline") or {}
-        trained = headline.get("train_seconds") or {}
-        return {**row,
-                # what the kNN (k, T) and the linear lr were chosen on: ranking runs by it keeps
-                # the test split for the final numbers only
-                "holdout_top1": {model: {p: (holdout.get(model) or {}).get(f"{p}_top1")
-                                         for p in PROTOCOLS} for model in MODELS},
-                "seed_vs_baseline": {p: {key: (tests.get(p) or {}).get(key)
-                                         for key in ("difference", "p_value")} for p in PROTOCOLS},
-                "seconds": {Path(TRAINING_FILES[model]).stem: trained.get(model)
-                            for model in MODELS}}
-    # runs made before headline.json (up to commit b4938e5) declared every stage's metrics
+
+
+def _headline_of_older_run(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """headline.json's layout from the detailed metrics files that runs made before it (up to
+    commit b4938e5) declared as DVC metrics; missing values stay missing."""
     paired = _file_data(metrics, "paired.json")
-    return {**row,
-            "holdout_top1": {model: {p: (_file_data(metrics, f"{p}_{model}.json").get("holdout")
-                                         or {}).get("top1") for p in PROTOCOLS}
-                             for model in MODELS},
-            "seed_vs_baseline": {p: {key: paired.get(p, {}).get("student_vs_baseline", {})
-                                     .get(key) for key in ("difference", "p_value")}
-                                 for p in PROTOCOLS},
-            "seconds": {Path(n).stem: _file_data(metrics, n).get("seconds")
-                        for n in TRAINING_FILES.values()}}
+    return {
+        "holdout": {model: {f"{p}_top1": (_file_data(metrics, f"{p}_{model}.json")
+                                          .get("holdout") or {}).get("top1")
+                            for p in PROTOCOLS} for model in MODELS},
+        "seed_vs_baseline": {p: paired.get(p, {}).get("student_vs_baseline", {})
+                             for p in PROTOCOLS},
+        "train_seconds": {model: _file_data(metrics, name).get("seconds")
+                          for model, name in TRAINING_FILES.items()},
+    }
 
 
 def collect(shown: list[dict[str, Any]]) -> list[dict[str, Any]]:
