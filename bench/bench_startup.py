@@ -70,7 +70,10 @@ def processes_of(cmd: str) -> list[str]:
     """The programs a stage's command starts, by the names this benchmark times them under."""
     programs = []
     if LAUNCHER in cmd:
-        programs += ["launcher", "torchrun"]
+        nproc = re.search(r"--nproc (\d+)", cmd)
+        # one process: the launcher runs the stage itself (seed_core.cluster.local_command)
+        programs += ["launcher"] + (["torchrun"] if nproc is None or int(nproc.group(1)) > 1
+                                    else [])
     programs += [f"stages/{name}.py" for name in SCRIPT.findall(cmd)]
     return programs
 

@@ -9,8 +9,9 @@
 #   3. 30 steps of the real `distill` stage under `torchrun --nproc_per_node 1`, batch 128,
 #      224 px, 14 loader workers, on shards made by stages/shards.py from a TSV of ImageNet-like
 #      500x375 JPEGs cut from the photos that ship in scikit-learn and matplotlib
-#      (bench/bench_loader.py's `photo_jpegs`): its data_wait_fraction says whether the loader
-#      feeds the GPU;
+#      (bench/bench_loader.py's `photo_jpegs`), twice: with the colour ops and blur on the GPU
+#      (data.colour_on: device, what auto picks on CUDA) and in the loader workers (cpu); its
+#      data_wait_fraction says whether the loader feeds the GPU;
 #   4. the kNN benchmark with a 1,281,167 x 128 bank and 50,000 queries (bench/bench_knn.py);
 #   5. a summary JSON (last line of the output; everything is also kept in --workdir).
 #
@@ -40,7 +41,7 @@ WHEELS=""
 WORK=""
 DRY_RUN=0
 
-usage() { sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,33p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -178,22 +179,27 @@ write_tsv(work / "train.tsv", rows())
 torch.manual_seed(0)
 save_encoder(work / "teacher" / "teacher.safetensors", build_encoder(teacher, False, 128),
              fmt="moco_v2")
-params = {"data": {"image_size": image, "workers": workers},
-          "student": {"arch": student},
-          "distill": {"epochs": 1, "batch_size": batch, "queue_size": queue, "log_every": 5,
-                      "checkpoint_every": 10_000, "warmup_epochs": 0.0}}
-(work / "params.yaml").write_text(yaml.safe_dump(params))
+for colour_on in ("device", "cpu"):  # the colour ops and blur on the GPU, or in the workers
+    params = {"data": {"image_size": image, "workers": workers, "colour_on": colour_on},
+              "student": {"arch": student},
+              "distill": {"epochs": 1, "batch_size": batch, "queue_size": queue, "log_every": 5,
+                          "checkpoint_every": 10_000, "warmup_epochs": 0.0}}
+    (work / f"params-{colour_on}.yaml").write_text(yaml.safe_dump(params))
 EOF
 # at least two shards per loader worker, so that every worker has shards to read
 SHARDS=$((WORKERS > 0 ? 2 * WORKERS : 2))
 "$PYTHON" "$ROOT/stages/shards.py" --tsv "$WORK/train.tsv" --out "$WORK/shards" \
   --shard-size $(((BATCH * STEPS + SHARDS - 1) / SHARDS)) --workers 1 \
   --params "$WORK/untracked.yaml" >&2
-say "distill: $STEPS steps of $TEACHER -> $STUDENT, batch $BATCH, ${IMAGE} px, K $QUEUE"
-(cd "$WORK" && "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1 \
-  "$ROOT/stages/distill.py" --teacher "$WORK/teacher" --shards "$WORK/shards" \
-  --out "$WORK/student" --curves "$WORK/distill.csv" --metrics "$WORK/distill.json" \
-  --params "$WORK/params.yaml" --checkpoint-dir "$WORK/ckpt" --no-mlflow-model >&2)
+for COLOUR_ON in device cpu; do
+  say "distill: $STEPS steps of $TEACHER -> $STUDENT, batch $BATCH, ${IMAGE} px, K $QUEUE," \
+      "colour ops on the $COLOUR_ON"
+  (cd "$WORK" && "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1 \
+    "$ROOT/stages/distill.py" --teacher "$WORK/teacher" --shards "$WORK/shards" \
+    --out "$WORK/student-$COLOUR_ON" --curves "$WORK/distill-$COLOUR_ON.csv" \
+    --metrics "$WORK/distill-$COLOUR_ON.json" --params "$WORK/params-$COLOUR_ON.yaml" \
+    --checkpoint-dir "$WORK/ckpt-$COLOUR_ON" --no-mlflow-model >&2)
+done
 
 # ---------------------------------------------------------------- 4. kNN
 say "kNN benchmark"
@@ -210,7 +216,8 @@ from pathlib import Path
 
 work, seconds, dry_run = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 step = json.loads((work / "step.json").read_text())
-distill = json.loads((work / "distill.json").read_text())
+distill = {colour_on: json.loads((work / f"distill-{colour_on}.json").read_text())
+           for colour_on in ("device", "cpu")}
 knn = json.loads((work / "knn.json").read_text())
 cases = step["cases"]
 summary = {
@@ -222,11 +229,14 @@ summary = {
                     "speedup_vs_reference": round(case["speedup_vs_reference"], 3),
                     "peak_gpu_mib": case["seconds"]["full_step"].get("peak_gpu_mib")}
              for name, case in cases.items()},
-    "distill": {**{key: distill.get(key) for key in ("steps_run", "images_per_s",
-                                                       "data_wait_fraction", "final_loss",
-                                                       "seconds")},
-                "batch": int(sys.argv[4]), "workers": int(sys.argv[5]),
-                "images": sys.argv[6]},
+    # data.colour_on: auto puts the colour ops on the GPU ("distill"); "distill_colour_on_cpu"
+    # is the same run with them in the loader workers
+    **{name: {**{key: distill[colour_on].get(key)
+                 for key in ("steps_run", "images_per_s", "data_wait_fraction", "final_loss",
+                             "seconds")},
+              "batch": int(sys.argv[4]), "workers": int(sys.argv[5]), "images": sys.argv[6],
+              "colour_on": colour_on}
+       for name, colour_on in (("distill", "device"), ("distill_colour_on_cpu", "cpu"))},
     "knn": {"seconds": knn["ours"]["seconds"], "peak_extra_mib": knn["ours"]["peak_extra_mib"],
             "memory_method": knn["ours"]["memory_method"],
             "bank": knn["bank"], "queries": knn["queries"],

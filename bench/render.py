@@ -198,9 +198,9 @@ def recipes_section(loader: Mapping[str, Any]) -> list[str]:
              "ms per sample of decode + the recipe's whole CPU view, on 500×375 JPEGs cut from "
              "real photos; 805c760's torchvision recipe on float tensors against today's; "
              "goal ≥ 3× per core). The columns with colour on the GPU time the CPU part that "
-             "would remain (decode, crop, flip) if `seed_core.data.device_augment`'s batched "
-             "colour and blur ran on the device: that module is tested against the CPU ops but "
-             "not yet wired into the stages.", ""]
+             "remains (decode, crop, flip) when `seed_core.data.device_augment`'s batched "
+             "colour and blur run on the device: what `data.colour_on: auto` does when the "
+             "stages train on CUDA.", ""]
             + table(["recipe", "805c760 ms", "now ms", "speed-up", "speed-up, colour and "
                      "blur on the GPU", "cores per GPU at 3,000 img/s", "at 10,000 img/s",
                      "at 10,000, colour on the GPU"], rows))
@@ -346,8 +346,20 @@ def gpu_section(gpu: Mapping[str, Any]) -> list[str]:
              fmt(case["peak_gpu_mib"], 0)]
             for name, case in gpu["step"].items()]
     distill, knn = gpu["distill"], gpu["knn"]
-    pace = ("the loader, not the GPU, sets the pace" if distill["data_wait_fraction"] > DATA_WAIT_GOAL
-            else "the loader keeps up")
+
+    def pace(run: Mapping[str, Any]) -> str:
+        return ("the loader, not the GPU, sets the pace"
+                if run["data_wait_fraction"] > DATA_WAIT_GOAL else "the loader keeps up")
+
+    def where(run: Mapping[str, Any]) -> str:
+        # runs before data.colour_on had the colour ops in the loader workers
+        return {"device": "colour ops on the GPU", "cpu": "colour ops in the loader workers"}[
+            run.get("colour_on", "cpu")]
+
+    runs = [distill] + ([gpu["distill_colour_on_cpu"]] if "distill_colour_on_cpu" in gpu else [])
+    speeds = "; ".join(f"{where(run)}: {fmt(run['images_per_s'], 0)} img/s, data wait "
+                       f"{100 * run['data_wait_fraction']:.1f}% of the step time ({pace(run)})"
+                       for run in runs)
     return ([f"**On a GPU** (`bench/gpu_check.sh`, {gpu['machine']}, torch {gpu['torch']}, "
              f"fp16 AMP; one run, {gpu['seconds']} s in all): the SEED step at ImageNet shapes "
              f"(R-50 → R-18, 224 px, batch 32, K 65,536) and at the default ones.", ""]
@@ -355,9 +367,8 @@ def gpu_section(gpu: Mapping[str, Any]) -> list[str]:
                      "speed-up", "peak GPU MiB"], rows)
             + ["", f"The real `distill` stage under torchrun (NCCL), {distill['steps_run']} steps "
                    f"of batch {distill.get('batch', '?')} from {distill.get('images', '?')} with "
-                   f"{distill.get('workers', '?')} loader workers: {fmt(distill['images_per_s'], 0)}"
-                   f" img/s, data wait {100 * distill['data_wait_fraction']:.1f}% of the step "
-                   f"time ({pace}; 30 steps include the workers' start). kNN with a "
+                   f"{distill.get('workers', '?')} loader workers, {speeds} (30 steps include "
+                   f"the workers' start). kNN with a "
                    f"{knn['bank']:,} × 128 bank and {knn['queries']:,} queries: {knn['seconds']} "
                    f"s, {fmt(knn['peak_extra_mib'], 0)} MiB of GPU memory, exact-neighbour "
                    f"recall {knn['recall_vs_exact']}."])

@@ -3,7 +3,9 @@
 `python -m seed_core.cluster run --nproc N -- stages/distill.py ARGS` is the command of every
 stage that runs under torchrun (pretrain@*, distill). It reads the `launch` section of the stage's
 params file at run time, so launch settings are no DVC params: switching the backend re-runs
-nothing. With `launch.backend: local` it becomes `torchrun --standalone --nproc_per_node N ...`.
+nothing. With `launch.backend: local` it becomes `torchrun --standalone --nproc_per_node N ...`,
+or, for one process, the stage itself (torchrun's start-up, ~2 s, buys nothing there: one process
+joins no process group).
 With `slurm` it writes a batch script (`batch_script`, a pure function of the params), submits it
 with `sbatch` and blocks until the job has ended, streaming its log:
 
@@ -129,7 +131,10 @@ def task_env(environ: dict[str, str]) -> dict[str, str]:
 
 
 def local_command(nproc: int, command: Sequence[str], python: str = sys.executable) -> list[str]:
-    """`torchrun --standalone` on this machine (what the stages' commands were before)."""
+    """`torchrun --standalone` on this machine; one process runs the stage script directly (it
+    then joins no process group either way, and signals reach it without torchrun between)."""
+    if nproc == 1:
+        return [python, *command]
     return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
             str(nproc), *command]
 

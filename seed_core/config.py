@@ -42,6 +42,9 @@ class DataConfig:
     image_size: int = 32  # contract key: side of every training / evaluation crop
     shard_size: int = 2000  # samples per WebDataset shard
     workers: int = 1  # DataLoader worker processes per rank
+    # where the training views' colour ops and blur run: auto = on the GPU when training on CUDA
+    # (the loader keeps decode, crop and flip), in the loader workers otherwise
+    colour_on: Literal["auto", "cpu", "device"] = "auto"
     # unreadable TSV rows / shard samples tolerated (skipped and reported); above: the stage fails
     max_bad_fraction: float = 0.01
     # fraction of train carved out (class-balanced) for tuning k, T and the linear lr

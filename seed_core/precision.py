@@ -170,7 +170,20 @@ def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     device = torch.device(device)
     if images.dtype != torch.uint8:
         return images.to(device, memory_format=MEMORY_FORMAT, non_blocking=True)
+    return normalize_images(move_uint8(images, device))
+
+
+def move_uint8(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A uint8 batch on `device`, channels-last: from pinned memory without blocking on CUDA."""
+    device = torch.device(device)
     if device.type == "cuda" and not images.is_pinned():
         images = images.pin_memory()
-    images = images.to(device, non_blocking=True).contiguous(memory_format=MEMORY_FORMAT)
-    return normalize_images(images)
+    return images.to(device, non_blocking=True).contiguous(memory_format=MEMORY_FORMAT)
+
+
+def normalize_unit(images: torch.Tensor) -> torch.Tensor:
+    """float images in [0, 1] `(B, 3, H, W)` -> `(x - mean) / std` (ImageNet), channels-last: the
+    end of a view whose colour ops ran on the device (`device_augment.finish_view`)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return ((images - mean) / std).contiguous(memory_format=MEMORY_FORMAT)

@@ -25,7 +25,9 @@ from seed_core import distributed
 from seed_core.config import Params, small_patch_size
 from seed_core.data.order import stream_seed
 from seed_core.data.shardset import open_shards
-from seed_core.data.transforms import MultiView, small_patch_transform, ssl_transform
+from seed_core.data import device_augment
+from seed_core.data.transforms import (MultiView, colour_later, small_patch_transform,
+                                      ssl_transform)
 from seed_core.io import sha256_file
 from seed_core.launch import stage
 from seed_core.models.encoder import build_encoder
@@ -121,8 +123,10 @@ def distill(args: argparse.Namespace, params: Params, rt: distributed.Runtime, t
         small = EmbeddingQueue(cfg.queue_size, embed_dim, rt.device)
         small.fill_random(torch.Generator().manual_seed(stream_seed("small", cfg.seed)))
         queues["small_queue"] = small
+    colour_on_device = device_augment.colour_on_device(data.colour_on, rt.device)
     config = {"stage": "distill", "student": dataclasses.asdict(params.student),
-              "image_size": data.image_size, "teacher": sha256_file(teacher_file),
+              "image_size": data.image_size, "colour_on_device": colour_on_device,
+              "teacher": sha256_file(teacher_file),
               "cache": (sha256_file(Path(args.teacher_cache) / "embeddings.safetensors")
                         if cfg.queue_init == "cache" and args.teacher_cache else None),
               **{k: v for k, v in dataclasses.asdict(cfg).items()
@@ -134,10 +138,12 @@ def distill(args: argparse.Namespace, params: Params, rt: distributed.Runtime, t
                       precision=cfg.precision, max_bad_fraction=data.max_bad_fraction,
                       stop_grace_s=params.launch.stop_grace_s)
     log.info("SEED %s -> %s: %d epochs x %d steps, global batch %d, lr %.4f, K=%d, "
-             "%d small view(s), %d rank(s) on %s, teacher %s, student %s", teacher_meta["arch"],
-             params.student.arch, cfg.epochs, schedule.steps_per_epoch, cfg.batch_size,
-             schedule.lr, cfg.queue_size, cfg.small_views, rt.world_size, rt.device,
-             resolve(cfg.precision, rt.device, teacher), precision)
+             "%d small view(s), %d rank(s) on %s, teacher %s, student %s, colour ops on the %s",
+             teacher_meta["arch"], params.student.arch, cfg.epochs, schedule.steps_per_epoch,
+             cfg.batch_size, schedule.lr, cfg.queue_size, cfg.small_views, rt.world_size,
+             rt.device, resolve(cfg.precision, rt.device, teacher), precision,
+             "device" if colour_on_device else "loader workers")
+    transform = distill_transform(params, teacher_meta["format"])
 
     def step(batch: dict, position, want_stats: bool) -> dict[str, float]:
         return seed_step(model, teacher, queues["queue"], batch["views"],
@@ -150,7 +156,7 @@ def distill(args: argparse.Namespace, params: Params, rt: distributed.Runtime, t
                          small_queue=queues.get("small_queue"), with_stats=want_stats)
 
     ran, seconds = timed(lambda: run.fit(
-        shards=shards, transform=distill_transform(params, teacher_meta["format"]),
+        shards=shards, transform=colour_later(transform) if colour_on_device else transform,
         seed=cfg.seed, workers=data.workers, step=step,
         on_metrics=lambda s, m: tracker.log_metrics(m, step=s),
         checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, desc="distill"))

@@ -38,7 +38,6 @@ from seed_core.evaluation.splits import holdout_split
 from seed_core.launch import stage
 from seed_core.precision import autocast, channels_last, resolve, to_device
 from seed_core.stagekit import add_params_arguments
-from seed_core.teachers.canonical import load_canonical
 from seed_core.tracking import flatten_metrics
 from seed_core.tracking import Tracker
 
@@ -94,6 +93,10 @@ def augmented_trainer(args: argparse.Namespace, params: Params, device: torch.de
                       tracker: Tracker) -> Callable[[float, bool], nn.Module]:
     if not (args.model and args.train_shards):
         raise ValueError("linear.mode 'augmented' needs --model and --train-shards")
+    # imported here: the model code pulls in timm and torchvision (~1.5 s of start-up), which
+    # the default cached mode, a probe on stored features, never needs
+    from seed_core.teachers.canonical import load_canonical
+
     encoder, _ = load_canonical(args.model, device=device)
     channels_last(encoder.eval().requires_grad_(False))
     precision = resolve(params.features.precision, device, encoder)

@@ -27,7 +27,8 @@ from seed_core import distributed
 from seed_core.config import ConfigError, Params
 from seed_core.data.order import stream_seed
 from seed_core.data.shardset import open_shards
-from seed_core.data.transforms import MultiView, moco_v2_transform
+from seed_core.data import device_augment
+from seed_core.data.transforms import MultiView, colour_later, moco_v2_transform
 from seed_core.io import atomic_dir, write_json
 from seed_core.launch import stage
 from seed_core.models.encoder import build_encoder
@@ -99,8 +100,10 @@ def pretrain(args: argparse.Namespace, params: Params, rt: distributed.Runtime,
     query, model = place(encoder, rt)
     queue = EmbeddingQueue(cfg.queue_size, cfg.embed_dim, rt.device)
     queue.fill_random(torch.Generator().manual_seed(cfg.seed))
+    colour_on_device = device_augment.colour_on_device(data.colour_on, rt.device)
     config = {"stage": "pretrain", "role": args.target, "arch": arch, "epochs": epochs,
               "small_images": small_images, "image_size": data.image_size,
+              "colour_on_device": colour_on_device,
               **{k: v for k, v in dataclasses.asdict(cfg).items()
                  if k not in ("log_every", "checkpoint_every", "nproc")}}
     run = TrainingRun(runtime=rt, schedule=schedule, saved_modules={"query": query, "key": key},
@@ -112,8 +115,10 @@ def pretrain(args: argparse.Namespace, params: Params, rt: distributed.Runtime,
                       precision=cfg.precision, max_bad_fraction=data.max_bad_fraction,
                       stop_grace_s=params.launch.stop_grace_s)
     log.info("MoCo-v2 %s (%s): %d epochs x %d steps, global batch %d, lr %.4f, %d rank(s) on %s "
-             "(%s)", args.target, arch, epochs, schedule.steps_per_epoch, cfg.batch_size,
-             schedule.lr, rt.world_size, rt.device, precision)
+             "(%s), colour ops on the %s", args.target, arch, epochs, schedule.steps_per_epoch,
+             cfg.batch_size, schedule.lr, rt.world_size, rt.device, precision,
+             "device" if colour_on_device else "loader workers")
+    transform = MultiView([moco_v2_transform(data.image_size)] * 2)
 
     def step(batch: dict, position, want_stats: bool) -> dict[str, float]:
         return moco_step(model, key, queue, batch["views"], temperature=cfg.temperature,
@@ -128,7 +133,7 @@ def pretrain(args: argparse.Namespace, params: Params, rt: distributed.Runtime,
                          rank=rt.rank, world_size=rt.world_size)
 
     ran, seconds = timed(lambda: run.fit(
-        shards=shards, transform=MultiView([moco_v2_transform(data.image_size)] * 2),
+        shards=shards, transform=colour_later(transform) if colour_on_device else transform,
         seed=cfg.seed, workers=data.workers, step=step,
         on_metrics=lambda s, m: tracker.log_metrics(m, step=s),
         checkpoint_every=cfg.checkpoint_every or schedule.steps_per_epoch, log_every=cfg.log_every,

@@ -18,6 +18,10 @@ from test_transforms import HUE, POINT_OPS, within
 # whole views: up to five ops, each rounded to uint8 on the CPU, PIL's blur among them; the hue
 # of a nearly gray pixel moves with one level of rounding upstream, hence the max
 VIEW = (24, 1.5)
+# whole batches out of the loader: PIL's ops truncate to uint8 (Image.blend, ImageChops.multiply),
+# up to half a level per op, which later brightness and contrast factors (<= 1.4) scale:
+# a mean bias of at most 0.5 (1 + 1.4 + 1.4^2 + 1.4^3) ~ 3 levels (measured: up to 1.6)
+VIEW_CHAIN = (24, 3.0)
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +102,79 @@ def test_geometry_and_device_colour_are_the_cpu_view(photo: Image.Image) -> None
     assert all(within(cpu[i][:, inner, inner], device[i, :, inner, inner], VIEW)
                for i in range(12))
     assert not within(cpu[0][:, inner, inner], device[1, :, inner, inner], VIEW)
+
+
+@pytest.fixture(scope="module")
+def photo_shards(tmp_path_factory, photo: Image.Image) -> Path:
+    """20 colour crops of the photo (80 x 64 PNGs) through the real converter."""
+    import io
+
+    from seed_core.data.convert import convert_tsv_to_shards
+    from seed_core.data.tsv import write_tsv
+
+    root = tmp_path_factory.mktemp("photo-shards")
+    rows = []
+    for i in range(20):
+        crop = photo.resize((160, 160)).crop((4 * i, 3 * i, 4 * i + 80, 3 * i + 64))
+        buffer = io.BytesIO()
+        crop.save(buffer, format="PNG")
+        rows.append((f"p{i}", i % 2, buffer.getvalue()))
+    write_tsv(root / "p.tsv", rows)
+    convert_tsv_to_shards(root / "p.tsv", root / "shards", shard_size=8, workers=1)
+    return root / "shards"
+
+
+def first_batch(shards: Path, transform, workers: int) -> dict:
+    from seed_core.data import open_shards, train_loader
+
+    loader = train_loader(open_shards(str(shards)), transform, 8, seed=3, epoch=0, rank=0,
+                          world_size=1, steps=1, workers=workers)
+    return next(iter(loader))
+
+
+def test_the_loader_leaves_colour_to_the_trainer_and_it_finishes_the_cpu_view(
+        photo_shards: Path) -> None:
+    """Issue 16, `data.colour_on: device`: with `colour_later`, each collated view is uint8
+    pixels `(B, 3, S, S)` beside its uniforms `(B, COLOUR_DRAWS)`, the same for 0 and 2 loader
+    workers; `finish_view` on them gives, sample by sample, the CPU view the loader would have
+    made under the same seeds (within `VIEW_CHAIN`), normalised as `to_device` normalises."""
+    from seed_core.data.deferred import ColourLater
+    from seed_core.precision import IMAGENET_MEAN, IMAGENET_STD, to_device
+
+    views = A.MultiView([A.ssl_transform("moco_v2", 64), A.small_patch_transform(32)])
+    cpu = first_batch(photo_shards, views, workers=0)
+    later = first_batch(photo_shards, A.colour_later(views), workers=0)
+    again = first_batch(photo_shards, A.colour_later(views), workers=2)
+    assert later["key"] == cpu["key"] == again["key"]
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    for size, reference, deferred, other in zip((64, 32), cpu["image"], later["image"],
+                                                 again["image"]):
+        assert isinstance(deferred, ColourLater) and deferred.pixels.dtype == torch.uint8
+        assert deferred.pixels.shape == (8, 3, size, size)
+        assert deferred.colour.shape == (8, D.COLOUR_DRAWS)
+        assert torch.equal(deferred.pixels, other.pixels)
+        assert torch.equal(deferred.colour, other.colour)
+        finished = D.finish_view(deferred, torch.device("cpu"))
+        assert finished.is_contiguous(memory_format=torch.channels_last)
+        unit = finished * std + mean  # back to [0, 1]
+        inner = slice(size // 8, -(size // 8))
+        assert all(within(reference[i][:, inner, inner], unit[i, :, inner, inner], VIEW_CHAIN)
+                   for i in range(8))
+        # where no colour op ran the two paths give the same normalised floats; a view whose
+        # colour was never finished is far from the CPU view
+        params = D.colour_params(deferred.view, deferred.colour)
+        plain = ~(params.jitter | params.gray | params.blur)
+        torch.testing.assert_close(finished[plain], to_device(reference, "cpu")[plain])
+        assert not all(within(reference[i][:, inner, inner],
+                              deferred.pixels[i, :, inner, inner].float() / 255, VIEW_CHAIN)
+                       for i in range(8))
+
+
+def test_colour_on_follows_the_setting_and_the_device() -> None:
+    assert D.colour_on_device("auto", torch.device("cuda")) is True
+    assert D.colour_on_device("auto", torch.device("cpu")) is False
+    assert D.colour_on_device("device", torch.device("cpu")) is True
+    assert D.colour_on_device("cpu", torch.device("cuda")) is False
+    with pytest.raises(ValueError, match="data.colour_on must be one of"):
+        D.colour_on_device("gpu", torch.device("cpu"))

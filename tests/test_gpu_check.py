@@ -38,9 +38,13 @@ def test_dry_run_runs_every_step_and_prints_a_summary(tmp_path: Path) -> None:
         assert step["images_per_s"] > 0 and step["overhead"] > 0
         assert step["speedup_vs_reference"] > 0
     assert summary["distill"]["steps_run"] == 3
+    assert summary["distill"]["colour_on"] == "device"
+    assert summary["distill_colour_on_cpu"]["steps_run"] == 3
     assert summary["knn"]["recall_vs_exact"] == 1.0
     work = tmp_path / "work"
-    assert (work / "student").is_dir() and (work / "distill.csv").is_file()
+    for colour_on in ("device", "cpu"):
+        assert (work / f"student-{colour_on}").is_dir()
+        assert (work / f"distill-{colour_on}.csv").is_file()
 
 
 def test_missing_package_without_wheels_says_what_to_do(tmp_path: Path) -> None:

@@ -90,6 +90,10 @@ def test_local_backend_is_torchrun_on_this_machine() -> None:
                           cwd=ROOT, capture_output=True, text=True, env=ENV, check=True)
     assert done.stdout.split()[1:] == ["-m", "torch.distributed.run", "--standalone",
                                        "--nproc_per_node", "2", "stages/distill.py", "--out", "x"]
+    one = subprocess.run([sys.executable, "-m", "seed_core.cluster", "run", "--nproc", "1",
+                          "--dry-run", "--", "stages/distill.py", "--out", "x"],
+                         cwd=ROOT, capture_output=True, text=True, env=ENV, check=True)
+    assert one.stdout.split()[1:] == ["stages/distill.py", "--out", "x"]  # no torchrun
 
 
 def test_the_wait_fails_on_a_cancelled_job_and_follows_a_requeue(tmp_path) -> None:

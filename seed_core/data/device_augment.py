@@ -8,9 +8,10 @@ parameters and in the same order as the CPU view; it differs only by the CPU's r
 uint8 between ops and PIL's approximations (HSV in uint8, the box-approximated blur):
 `tests/test_device_augment.py` holds it to the CPU ops within stated tolerances.
 
-Not yet wired into the loaders and the training loop: that needs a transform returning
-`View.geometry`'s pair, a collation that stacks the uniforms `(B, COLOUR_DRAWS)` beside the
-views, and the step to call `apply_colour` before `seed_core.precision.normalize_images`.
+Wired in by `data.colour_on` (`auto`: on CUDA): the stages' transforms become
+`transforms.colour_later(...)`, whose views are `ColourLater` (uint8 pixels, uniforms, recipe),
+the loader stacks them, and the trainer's `finish_view` moves each batch to the device and runs
+`apply_colour` there before normalising.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from seed_core.data.deferred import ColourLater
 from seed_core.data.transforms import COLOUR_DRAWS, View, gaussian_kernel1d
+from seed_core.precision import move_uint8, normalize_unit, to_device
+
+COLOUR_ON = ("auto", "cpu", "device")
 
 
 @dataclass(frozen=True)
@@ -143,3 +148,23 @@ def apply_colour(images: torch.Tensor, view: View, u: torch.Tensor) -> torch.Ten
     if rows.numel():
         x[rows] = gaussian_blur(x[rows], view.kernel, params.sigma[rows])
     return x
+
+
+def colour_on_device(setting: str, device: torch.device) -> bool:
+    """Whether `data.colour_on` (`auto`, `cpu` or `device`) runs the colour ops on `device`:
+    `auto` does on CUDA, where the loader's cores are what limits a 224-px run (the CPU view's
+    colour and blur are most of its cost: docs/performance.md); on a CPU they would only move
+    from the loader workers to the training process."""
+    if setting not in COLOUR_ON:
+        raise ValueError(f"data.colour_on must be one of {list(COLOUR_ON)}, got {setting!r}")
+    return setting == "device" or (setting == "auto" and torch.device(device).type == "cuda")
+
+
+def finish_view(batch_view: torch.Tensor | ColourLater, device: torch.device) -> torch.Tensor:
+    """A collated view on `device`, normalised and channels-last, ready for a model: a uint8 batch
+    as `precision.to_device` does it; a `ColourLater` batch crosses as uint8 and gets its colour
+    ops and blur there (`apply_colour`) before the normalisation."""
+    if not isinstance(batch_view, ColourLater):
+        return to_device(batch_view, device)
+    pixels = move_uint8(batch_view.pixels, device).contiguous()
+    return normalize_unit(apply_colour(pixels, batch_view.view, batch_view.colour))

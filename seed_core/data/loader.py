@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
+from seed_core.data.deferred import ColourLater
 from seed_core.data.images import ImageError, decode_image
 from seed_core.data.order import EpochPlan, epoch_order, permutation, stream_seed
 from seed_core.data.shardset import (SampleReader, SampleReadError, ShardSet,
@@ -112,8 +113,15 @@ def seeded(fn: Callable[[], Any], seed: int) -> Any:
 
 
 def _collate_views(views: Sequence[Any]) -> Any:
-    if isinstance(views[0], (list, tuple)):
-        return [torch.stack(v) for v in zip(*views)]
+    """Stack one view per sample into a batch; several views per sample (a list) into a list of
+    batches. A view whose colour is left to the device (`ColourLater`) stacks its pixels and its
+    uniforms and keeps its recipe."""
+    first = views[0]
+    if isinstance(first, ColourLater):  # a NamedTuple: before the generic tuple case
+        return ColourLater(torch.stack([v.pixels for v in views]),
+                           torch.stack([v.colour for v in views]), first.view)
+    if isinstance(first, (list, tuple)):
+        return [_collate_views(v) for v in zip(*views)]
     return torch.stack(list(views))
 
 

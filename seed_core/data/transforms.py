@@ -32,8 +32,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageChops, ImageFilter
+
+from seed_core.data.deferred import ColourLater
 
 Transform = Callable[[Image.Image | torch.Tensor], torch.Tensor]
 
@@ -310,6 +311,17 @@ class View:
         return to_tensor(image)
 
 
+class GeometryView:
+    """The CPU part of `view` when its colour ops and blur run on the device (`data.colour_on`):
+    the same crop and flip from the same draws, returned as a `ColourLater`."""
+
+    def __init__(self, view: View) -> None:
+        self.view = view
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> ColourLater:
+        return ColourLater(*self.view.geometry(image), self.view)
+
+
 def _mocov2_view(size: int, scale: tuple[float, float]) -> View:
     """MoCo-v2's colour ops, which SEED also keeps for SwAV teachers ("not strengthened"):
     jitter 0.4/0.4/0.4/0.1 with p = 0.8, grayscale p = 0.2, Gaussian blur p = 0.5."""
@@ -371,6 +383,10 @@ class EvalTransform:
         self.size = image_size
 
     def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        # imported here: torchvision costs ~1.1 s of start-up, and only this view uses it (the
+        # stages that only train a linear probe on cached features never call it)
+        import torchvision.transforms.v2.functional as TF
+
         pixels = to_tensor(image)
         if self.size >= 96:
             pixels = TF.center_crop(TF.resize(pixels, int(round(self.size / 0.875)),
@@ -396,6 +412,16 @@ class MultiView:
     def __init__(self, transforms: Sequence[Transform]) -> None:
         self.transforms = list(transforms)
 
-    def __call__(self, image: Image.Image | torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, image: Image.Image | torch.Tensor) -> list[torch.Tensor | ColourLater]:
         image = to_tensor(image)  # once, not per view
         return [t(image) for t in self.transforms]
+
+
+def colour_later(transform: View | MultiView) -> GeometryView | MultiView:
+    """`transform` (a recipe's view, or several) with the colour ops and the blur of every view
+    left to the device: each view gives a `ColourLater` instead of its finished pixels."""
+    if isinstance(transform, MultiView):
+        return MultiView([colour_later(t) for t in transform.transforms])
+    if not isinstance(transform, View):
+        raise TypeError(f"colour_later takes a View or a MultiView of them, not {transform!r}")
+    return GeometryView(transform)

@@ -16,12 +16,13 @@ from torch import nn
 from seed_core import distributed
 from seed_core.codemap import stage_source_files
 from seed_core.config import ConfigError
+from seed_core.data.device_augment import finish_view
 from seed_core.data.loader import (check_bad_fraction, check_same_manifest, log_bad,
                                    training_batches)
 from seed_core.data.shardset import MANIFEST_NAME, ShardSet
 from seed_core.io import atomic_dir, sha256_file
 from seed_core.models.encoder import Encoder
-from seed_core.precision import channels_last, to_device, uses_grad_scaler
+from seed_core.precision import channels_last, uses_grad_scaler
 from seed_core.queue import EmbeddingQueue
 from seed_core.teachers.canonical import save_canonical
 from seed_core.train.curves import StepLog
@@ -185,7 +186,7 @@ class TrainingRun:
                 self._check_bad(where)
             image = batch["image"]
             views = image if isinstance(image, list) else [image]
-            batch["views"] = [to_device(v, device) for v in views]
+            batch["views"] = [finish_view(v, device) for v in views]
             yield batch
 
     def fit(self, *, shards: ShardSet, transform: Callable, seed: int, workers: int,
