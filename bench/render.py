@@ -311,7 +311,7 @@ def pipeline_section(metrics: Path) -> list[str]:
                   f"{OVERHEAD_GOAL_S:.0f} s: {verdict(overhead <= OVERHEAD_GOAL_S)}): "
                   f"{timing['startup_seconds']:.0f} s of process start-up (Python, imports, "
                   f"writing outputs) and {timing['between_stages_seconds']:.0f} s between "
-                  f"processes (DVC hashing and caching, torchrun's launcher)."]
+                  f"processes (DVC hashing and caching, the training stages' launcher)."]
     return lines
 
 
