@@ -125,8 +125,9 @@ def section(result: Mapping[str, Any]) -> str:
         lines.append(
             f"- **{PROTOCOL_NAMES[protocol]}**: over {s['pairs']} student-seed pairs, shuffling "
             f"BN changes the baseline by {signed(s['mean_difference'])} points on average "
-            f"({interval}); {s['better']} pairs significantly better, {s['worse']} significantly "
-            f"worse, {s['not_significant']} not significant (p < 0.05). SEED's mean gain over the "
+            f"({interval}); of the pairs, {s['better']} significantly better, {s['worse']} "
+            f"significantly worse, {s['not_significant']} not significant (p < 0.05). SEED's "
+            f"mean gain over the "
             f"baseline is {signed(s['seed_gain_over_with'])} with shuffling BN and "
             f"{signed(s['seed_gain_over_without'])} without.")
     return "\n".join(lines) + "\n"
