@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from seed_core.evaluation.stats import mean_interval, seed_spread
-from seed_core.io import read_json, splice_section, write_json
+from seed_core.io import read_json, write_json
+from seed_core.report.sections import refresh_section
 from seed_core.report.tables import TRAINING_FILES, p_label
 
 BEGIN, END = "<!-- experiments: begin -->", "<!-- experiments: end -->"
@@ -324,16 +325,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.rows}: missing; run python -m seed_core.report.experiments --collect "
                   f"in the repository whose `dvc exp show` holds the runs", file=sys.stderr)
             return 2
-        readme = Path(args.readme)
-        text = readme.read_text()
-        new = splice_section(text, BEGIN, END, section(read_json(args.rows)), str(readme))
-        if args.check:
-            if new != text:
-                print(f"{readme}: the experiments table is stale; run python -m "
-                      f"seed_core.report.experiments {readme}", file=sys.stderr)
-                return 1
-        else:
-            readme.write_text(new)
+        return refresh_section(args.readme, BEGIN, END, section(read_json(args.rows)),
+                               check=args.check, what="the experiments table",
+                               command=f"python -m seed_core.report.experiments {args.readme}")
     return 0
 
 

@@ -28,8 +28,9 @@ from typing import Any, Mapping, Sequence
 
 from seed_core.config import load_params
 from seed_core.evaluation.stats import mean_interval
-from seed_core.io import read_json, splice_section, write_json
+from seed_core.io import read_json, write_json
 from seed_core.report.comparisons import compare_files
+from seed_core.report.sections import refresh_section
 from seed_core.report.tables import p_label, signed
 
 BEGIN, END = "<!-- shuffle-bn: begin -->", "<!-- shuffle-bn: end -->"
@@ -156,16 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                   "summary": summarise(pairs, _seed_top1(read_json(args.reproduce), students))}
         write_json(args.out, result)
     if args.doc:
-        doc = Path(args.doc)
-        text = doc.read_text()
-        new = splice_section(text, BEGIN, END, section(read_json(args.out)), str(doc))
-        if args.check:
-            if new != text:
-                print(f"{doc}: the shuffle-BN section is stale: run python -m "
-                      f"seed_core.report.shuffle_bn --doc {doc}", file=sys.stderr)
-                return 1
-            return 0
-        doc.write_text(new)
+        return refresh_section(args.doc, BEGIN, END, section(read_json(args.out)),
+                               check=args.check, what="the shuffle-BN section",
+                               command=f"python -m seed_core.report.shuffle_bn --doc {args.doc}")
     return 0
 
 

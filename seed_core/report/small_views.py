@@ -29,7 +29,6 @@ import argparse
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -45,8 +44,9 @@ from seed_core.evaluation.extract import extract_split
 from seed_core.evaluation.knn import knn_classify
 from seed_core.evaluation.metrics import topk_accuracy
 from seed_core.evaluation.splits import holdout_split
-from seed_core.io import read_json, splice_section, write_json
+from seed_core.io import read_json, write_json
 from seed_core.precision import resolve, to_device
+from seed_core.report.sections import refresh_section
 from seed_core.teachers.canonical import load_canonical
 
 log = logging.getLogger("small_views")
@@ -189,15 +189,10 @@ def main(argv: list[str] | None = None) -> int:
             log.info("%s: %s", name, results[name])
         write_json(args.out, results)
     if args.readme:
-        readme = Path(args.readme)
-        text = readme.read_text()
-        new = splice_section(text, BEGIN, END, section(read_json(args.out)), str(readme))
-        if args.check and new != text:
-            print(f"{readme}: the small-views table is stale; run python -m "
-                  f"seed_core.report.small_views --readme {readme}", file=sys.stderr)
-            return 1
-        if not args.check:
-            readme.write_text(new)
+        return refresh_section(args.readme, BEGIN, END, section(read_json(args.out)),
+                               check=args.check, what="the small-views table",
+                               command=f"python -m seed_core.report.small_views --readme "
+                                       f"{args.readme}")
     return 0
 
 
