@@ -325,8 +325,11 @@ def startup_section(bench: Mapping[str, Any]) -> list[str]:
                      ", ".join(f"{t['package']} {t['seconds']:.2f}" for t in top) or "–"])
     total, removable = bench["sum_startup_s"], bench["removable_by_lazier_imports_s"]
     whole = "" if bench.get("complete", True) else " (**not every stage timed**)"
+    # runs before warm_up_runs existed timed the first, cold start too
+    warm = ", after one untimed run of each" if bench.get("warm_up_runs") else ""
     return ([f"**Process start-up** (`bench/bench_startup.py`: median of {bench['repeat']} fresh "
-             f"processes to the end of argument parsing, `--help`{measured_on(bench)}; seconds). "
+             f"processes to the end of argument parsing, `--help`{warm}{measured_on(bench)}; "
+             f"seconds). "
              f"Floors: " + ", ".join(f"{name} {value:.2f}" for name, value in floors.items())
              + ".", ""]
             + table(["program", "start-up", "slowest top-level imports (cumulative)"], rows)

@@ -34,8 +34,9 @@ def test_a_run_times_the_floors_and_the_stage_and_renders() -> None:
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     floors, startup = result["floors_s"], result["startup_s"]
-    # the stage imports torch, so it cannot start faster than the interpreter plus torch
-    assert floors["python"] < floors["import torch"] <= startup["stages/knn.py"] * 1.2
+    # the stage imports torch, so it cannot start faster than the interpreter plus torch; the
+    # slack is for the test run beside this one on the other core (both were measured warm)
+    assert floors["python"] < floors["import torch"] <= startup["stages/knn.py"] * 1.5
     assert "torch" in {entry["package"] for entry in result["top_imports"]["stages/knn.py"]}
     # only the kNN stages had every process timed: the sum covers them, and says it is partial
     assert set(result["stages"]) == {"knn@teacher", "knn@baseline", "knn@student"}
@@ -43,3 +44,4 @@ def test_a_run_times_the_floors_and_the_stage_and_renders() -> None:
     assert abs(result["sum_startup_s"] - 3 * startup["stages/knn.py"]) < 0.2
     text = "\n".join(render.startup_section(result))
     assert "`stages/knn.py`" in text and "not every stage timed" in text
+    assert "after one untimed run of each" in text
