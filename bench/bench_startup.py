@@ -7,7 +7,9 @@ and each pays its imports again. This times, in fresh processes (median of `--re
 untimed run that warms the page cache), the start-up of each of those programs up to the end
 of its argument parsing (`--help`: module-level imports and argparse, nothing read or written),
 and the floors they cannot go below: the interpreter alone, `import torch`, `import timm` and
-`import mlflow` (imported when a stage's tracking starts, which `--help` does not reach). With
+`import mlflow` (imported when a stage's tracking starts, which `--help` does not reach), and
+`torch + mlflow store`: torch, then MLflow's import and the opening of an existing SQLite store,
+whose difference to `import torch` is what each tracked stage pays before its first record. With
 `-X importtime` it lists, per stage, the top-level packages that take longest to import.
 
 From the committed `dvc.lock` (one entry per stage that `dvc repro` runs, `foreach` expanded) it
@@ -25,8 +27,10 @@ import argparse
 import json
 import re
 import statistics
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +42,13 @@ from render import OVERHEAD_GOAL_S  # one goal for the benchmark and the page th
 ROOT = Path(__file__).resolve().parents[1]
 FLOORS = {"python": "pass", "import torch": "import torch", "import timm": "import timm",
           "import mlflow": "import mlflow"}
+# what every tracked stage pays when its tracking starts (seed_core.tracking.MlflowTracker):
+# MLflow's import, then opening the SQLite store (SQLAlchemy and the schema check) and finding
+# the experiment; after `import torch`, as in a stage, whose torch has already imported some of
+# MLflow's dependencies (numpy among them). The untimed first run creates the store, so the timed
+# ones open an existing one.
+MLFLOW_STORE = ("import torch; from mlflow.tracking import MlflowClient; "
+                "MlflowClient(tracking_uri='sqlite:///{db}').get_experiment_by_name('seed-distill')")
 LAUNCHER = "seed_core.cluster"
 TORCHRUN = "torch.distributed.run"
 SCRIPT = re.compile(r"stages/([a-z_]+)\.py")
@@ -105,8 +116,11 @@ def main(argv: list[str] | None = None) -> None:
     programs = {"launcher": [python, "-c", f"import {LAUNCHER}"],
                 "torchrun": [python, "-m", TORCHRUN, "--help"],
                 **{script: [python, script, "--help"] for script in scripts}}
+    store = Path(tempfile.mkdtemp(prefix="bench-startup-")) / "mlflow.db"
+    floor_code = {**FLOORS, "torch + mlflow store": MLFLOW_STORE.format(db=store)}
     floors = {name: round(median_wall([python, "-c", code], args.repeat), 3)
-              for name, code in FLOORS.items()}
+              for name, code in floor_code.items()}
+    shutil.rmtree(store.parent)
     startup = {name: round(median_wall(command, args.repeat), 3)
                for name, command in programs.items()}
     imports = {name: top_imports(command) for name, command in programs.items()

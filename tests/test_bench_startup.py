@@ -37,6 +37,9 @@ def test_a_run_times_the_floors_and_the_stage_and_renders() -> None:
     # the stage imports torch, so it cannot start faster than the interpreter plus torch; the
     # slack is for the test run beside this one on the other core (both were measured warm)
     assert floors["python"] < floors["import torch"] <= startup["stages/knn.py"] * 1.5
+    # opening the store imports torch and MLflow first
+    assert floors["import torch"] < floors["torch + mlflow store"]
+    assert floors["import mlflow"] <= floors["torch + mlflow store"] * 1.5
     assert "torch" in {entry["package"] for entry in result["top_imports"]["stages/knn.py"]}
     # only the kNN stages had every process timed: the sum covers them, and says it is partial
     assert set(result["stages"]) == {"knn@teacher", "knn@baseline", "knn@student"}
@@ -45,3 +48,5 @@ def test_a_run_times_the_floors_and_the_stage_and_renders() -> None:
     text = "\n".join(render.startup_section(result))
     assert "`stages/knn.py`" in text and "not every stage timed" in text
     assert "after one untimed run of each" in text
+    store = floors["torch + mlflow store"] - floors["import torch"]
+    assert f"3 × {store:.2f} = {3 * store:.1f} s more" in text
