@@ -9,7 +9,10 @@ of its argument parsing (`--help`: module-level imports and argparse, nothing re
 and the floors they cannot go below: the interpreter alone, `import torch`, `import timm` and
 `import mlflow` (imported when a stage's tracking starts, which `--help` does not reach), and
 `torch + mlflow store`: torch, then MLflow's import and the opening of an existing SQLite store,
-whose difference to `import torch` is what each tracked stage pays before its first record. With
+whose difference to `import torch` is what each tracked stage pays before its first record. And
+the other end, `exit_s`: from a process's last line to its exit, with torch, timm and MLflow
+imported, when the interpreter tears its modules down and when `seed_core.program.run` (what the
+stage scripts end with) skips that. With
 `-X importtime` it lists, per stage, the top-level packages that take longest to import.
 
 From the committed `dvc.lock` (one entry per stage that `dvc repro` runs, `foreach` expanded) it
@@ -26,8 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +52,12 @@ FLOORS = {"python": "pass", "import torch": "import torch", "import timm": "impo
 # ones open an existing one.
 MLFLOW_STORE = ("import torch; from mlflow.tracking import MlflowClient; "
                 "MlflowClient(tracking_uri='sqlite:///{db}').get_experiment_by_name('seed-distill')")
+# the end of a stage's process: from its last line to its exit, after the imports a training
+# stage has, ended by the interpreter or by seed_core.program.run (os._exit after the handlers)
+EXIT_IMPORTS = "import time, torch, timm, mlflow"
+EXITS = {"interpreter": f"{EXIT_IMPORTS}\nprint(time.time(), flush=True)",
+         "program.run": f"{EXIT_IMPORTS}\nfrom seed_core import program\n"
+                        f"program.run(lambda: print(time.time(), flush=True))"}
 LAUNCHER = "seed_core.cluster"
 TORCHRUN = "torch.distributed.run"
 SCRIPT = re.compile(r"stages/([a-z_]+)\.py")
@@ -58,6 +67,13 @@ def wall(command: list[str]) -> float:
     started = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
     return time.perf_counter() - started
+
+
+def exit_seconds(code: str) -> float:
+    """From the time `code` prints as its last line to the process's end (its stdout closes)."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True,
+                          capture_output=True, text=True)
+    return time.time() - float(done.stdout.split()[-1])
 
 
 def median_wall(command: list[str], repeat: int) -> float:
@@ -121,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     floors = {name: round(median_wall([python, "-c", code], args.repeat), 3)
               for name, code in floor_code.items()}
     shutil.rmtree(store.parent)
+    exits = {name: round(statistics.median(exit_seconds(code) for _ in range(args.repeat)), 3)
+             for name, code in EXITS.items()}
     startup = {name: round(median_wall(command, args.repeat), 3)
                for name, command in programs.items()}
     imports = {name: top_imports(command) for name, command in programs.items()
@@ -138,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({
         "machine": cpu_name(), "load_average_at_start": load_at_start, "repeat": args.repeat,
         "warm_up_runs": 1,
-        "python": sys.version.split()[0], "floors_s": floors, "startup_s": startup,
+        "python": sys.version.split()[0], "floors_s": floors, "exit_s": exits,
+        "startup_s": startup,
         "top_imports": imports, "stages": per_stage,
         "complete": len(per_stage) == len(commands),
         "sum_startup_s": round(total, 1),

@@ -21,6 +21,7 @@ from tqdm import tqdm
 # stages in a copy of the repository, and the copy's code is the code DVC recorded
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from seed_core import program
 from seed_core.config import ConfigError, DataConfig, load_params
 from seed_core.data import fashion_mnist as fm
 from seed_core.data.tsv import write_tsv
@@ -79,4 +80,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    program.run(main)

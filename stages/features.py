@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 # stages in a copy of the repository, and the copy's code is the code DVC recorded
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from seed_core import distributed
+from seed_core import distributed, program
 from seed_core.config import Params
 from seed_core.data.loader import check_bad_fraction, log_bad
 from seed_core.data.shardset import ShardSet, check_same_classes, open_shards
@@ -143,4 +143,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    program.run(main)

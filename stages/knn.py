@@ -21,6 +21,7 @@ import torch
 # stages in a copy of the repository, and the copy's code is the code DVC recorded
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from seed_core import program
 from seed_core.config import Params, check_knn_bank
 from seed_core.evaluation.features import feature_num_classes, load_feature_split
 from seed_core.evaluation.knn import knn_neighbors, knn_vote
@@ -114,4 +115,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    program.run(main)

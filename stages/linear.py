@@ -26,6 +26,7 @@ from torch import nn
 # stages in a copy of the repository, and the copy's code is the code DVC recorded
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from seed_core import program
 from seed_core.config import Params
 from seed_core.data.loader import training_batches
 from seed_core.data.shardset import ShardSet, open_shards
@@ -196,4 +197,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    program.run(main)

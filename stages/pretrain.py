@@ -23,7 +23,7 @@ import torch
 # stages in a copy of the repository, and the copy's code is the code DVC recorded
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from seed_core import distributed
+from seed_core import distributed, program
 from seed_core.config import ConfigError, Params
 from seed_core.data.order import stream_seed
 from seed_core.data.shardset import open_shards
@@ -159,4 +159,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    program.run(main)

@@ -25,6 +25,7 @@ from typing import Any
 # stages in a copy of the repository, and the copy's code is the code DVC recorded
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from seed_core import program
 from seed_core.config import Params
 from seed_core.data.shardset import open_shards
 from seed_core.evaluation.features import load_feature_split
@@ -208,4 +209,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    program.run(main)

@@ -22,6 +22,7 @@ from safetensors import safe_open
 # stages in a copy of the repository, and the copy's code is the code DVC recorded
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from seed_core import program
 from seed_core.io import read_json, write_json, write_text
 from seed_core.launch import stage
 from seed_core.report.readers import check_reproduce
@@ -80,4 +81,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    program.run(main)

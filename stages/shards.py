@@ -25,6 +25,7 @@ from pathlib import Path
 # stages in a copy of the repository, and the copy's code is the code DVC recorded
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from seed_core import program
 from seed_core.config import load_params
 from seed_core.data.convert import (DEFAULT_MAX_BAD_FRACTION, DEFAULT_SHARD_SIZE,
                                     ShardConversionError, convert_tsv_to_shards)
@@ -89,4 +90,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    program.run(main)

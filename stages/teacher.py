@@ -40,6 +40,7 @@ import torch
 # stages in a copy of the repository, and the copy's code is the code DVC recorded
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from seed_core import program
 from seed_core.config import ConfigError, Params, load_params
 from seed_core.distributed import pick_device
 from seed_core.io import repo_root, sha256_file, write_json
@@ -247,4 +248,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    program.run(main)

@@ -48,5 +48,10 @@ def test_a_run_times_the_floors_and_the_stage_and_renders() -> None:
     text = "\n".join(render.startup_section(result))
     assert "`stages/knn.py`" in text and "not every stage timed" in text
     assert "after one untimed run of each" in text
+    exits = result["exit_s"]
+    # the teardown skipped is most of the end: a run that tore down both ways fails this
+    assert exits["program.run"] < exits["interpreter"] / 2
+    saved = exits["interpreter"] - exits["program.run"]
+    assert f"3 × {saved:.2f} = {3 * saved:.1f} s less between the stages" in text
     store = floors["torch + mlflow store"] - floors["import torch"]
     assert f"3 × {store:.2f} = {3 * store:.1f} s more" in text
