@@ -118,6 +118,7 @@ bench: install
 	$(call bench_run,remote_epoch)
 	$(call bench_run,versions)
 	$(call bench_run,startup)
+	$(call bench_run,dvc)
 	@if ls -d $(LINEAR_BENCH_INPUTS) >/dev/null 2>&1; then \
 	  $(call bench_run,linear,$(LINEAR_BENCH_ARGS)); \
 	else \

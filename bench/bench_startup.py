@@ -6,13 +6,13 @@ Every DVC stage is a fresh Python process (two for a one-process training stage:
 and each pays its imports again. This times, in fresh processes (median of `--repeat`, after one
 untimed run that warms the page cache), the start-up of each of those programs up to the end
 of its argument parsing (`--help`: module-level imports and argparse, nothing read or written),
-and the floors they cannot go below: the interpreter alone, `import torch`, `import timm` and
-`import mlflow` (imported when a stage's tracking starts, which `--help` does not reach), and
-`torch + mlflow store`: torch, then MLflow's import and the opening of an existing SQLite store,
-whose difference to `import torch` is what each tracked stage pays before its first record. And
-the other end, `exit_s`: from a process's last line to its exit, with torch, timm and MLflow
-imported, when the interpreter tears its modules down and when `seed_core.program.run` (what the
-stage scripts end with) skips that. With
+and the floors they cannot go below (each ended, as the stages are, without module teardown):
+the interpreter alone, `import torch`, `import timm` and `import mlflow` (imported when a stage's
+tracking starts, which `--help` does not reach), and `torch + mlflow store`: torch, then MLflow's
+import and the opening of an existing SQLite store, whose difference to `import torch` is what
+each tracked stage pays before its first record. And the other end, `exit_s`: from a process's
+last line to its exit, with torch, timm and MLflow imported, when the interpreter tears its
+modules down and when `seed_core.program.run` (what the stage scripts end with) skips that. With
 `-X importtime` it lists, per stage, the top-level packages that take longest to import.
 
 From the committed `dvc.lock` (one entry per stage that `dvc repro` runs, `foreach` expanded) it
@@ -134,7 +134,10 @@ def main(argv: list[str] | None = None) -> None:
                 **{script: [python, script, "--help"] for script in scripts}}
     store = Path(tempfile.mkdtemp(prefix="bench-startup-")) / "mlflow.db"
     floor_code = {**FLOORS, "torch + mlflow store": MLFLOW_STORE.format(db=store)}
-    floors = {name: round(median_wall([python, "-c", code], args.repeat), 3)
+    # each floor ends as the stages do (seed_core.program.run: os._exit, no module teardown),
+    # so that it counts only what it names
+    floors = {name: round(median_wall([python, "-c", f"{code}\nimport os; os._exit(0)"],
+                                      args.repeat), 3)
               for name, code in floor_code.items()}
     shutil.rmtree(store.parent)
     exits = {name: round(statistics.median(exit_seconds(code) for _ in range(args.repeat)), 3)

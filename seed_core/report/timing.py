@@ -1,5 +1,6 @@
 """Where a `dvc repro` spends its wall time: the stages' own seconds, their processes' start-up,
-and what happens between processes (DVC hashing and caching outputs, torchrun's launcher).
+and what happens between processes (a process's end after its metrics, DVC hashing and caching
+outputs, the training stages' launcher).
 
 Every stage's metrics JSON holds `seconds` (the stage's work), `started_at` (its process's start)
 and `finished_at` (when it wrote the metrics), Unix seconds. Sorted by start, consecutive stages
@@ -79,6 +80,7 @@ def timing_sentence(timing: Mapping[str, Any]) -> str:
             f"{timing['stages']} stages: {timing['stage_seconds']:.0f} s inside the stages, "
             f"{timing['overhead_seconds']:.0f} s of overhead ({timing['startup_seconds']:.0f} s of "
             f"process start-up: Python, imports, writing outputs; "
-            f"{timing['between_stages_seconds']:.0f} s between processes: DVC hashing and caching "
-            f"outputs, torchrun's launcher). DVC's own start before the first stage and its "
-            f"final bookkeeping after the report are not included.")
+            f"{timing['between_stages_seconds']:.0f} s between processes: each process's end "
+            f"after its metrics, DVC hashing and caching outputs, the training stages' "
+            f"launcher). DVC's own start before the first stage and its final bookkeeping after "
+            f"the report are not included.")
