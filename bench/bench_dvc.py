@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,9 @@ from pathlib import Path
 from machine import cpu_name, load_average
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from seed_core.smoke import pipeline_env, scratch_copy  # noqa: E402
 
 
 def timed(owner: object, name: str, spent: dict[str, float], calls: dict[str, int],
@@ -83,20 +85,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     scratch = None
     if args.repo is None:
-        sys.path.insert(0, str(ROOT))
-        from seed_core.smoke import scratch_copy
-
         scratch = Path(tempfile.mkdtemp(prefix="bench-dvc-"))
         repo = scratch_copy(scratch / "repo")
     else:
         repo = args.repo.resolve()
-    # the copy's own stages and tracking store, as `make smoke` runs them
-    env = {**os.environ, "PYTHONPATH": str(repo), "DVC_NO_ANALYTICS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
     load_at_start = load_average()
     try:
         done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--measure"],
-                              cwd=repo, env=env, capture_output=True, text=True)
+                              cwd=repo, env=pipeline_env(repo), capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"bench_dvc: dvc repro in {repo} failed:\n{done.stderr[-3000:]}")
         result = json.loads(done.stdout.strip().splitlines()[-1])

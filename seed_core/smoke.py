@@ -66,6 +66,14 @@ def scratch_copy(target: Path, source: Path = ROOT) -> Path:
     return target
 
 
+def pipeline_env(repo: Path) -> dict[str, str]:
+    """The environment `dvc repro` runs a scratch copy in: the copy's own stages and tracking
+    store (mlflow.db in the copy), whatever the shell says."""
+    env = {**os.environ, "PYTHONPATH": str(repo), "DVC_NO_ANALYTICS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m seed_core.smoke",
                                      description=__doc__.splitlines()[0])
@@ -76,10 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     repo = scratch_copy(where / "repo")
     print(f"seed_core.smoke: tiny pipeline in {repo}", flush=True)
-    # the copy's own stages and tracking store (mlflow.db in the copy), whatever the shell says
-    env = {**os.environ, "PYTHONPATH": str(repo), "DVC_NO_ANALYTICS": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    done = subprocess.run(["dvc", "repro"], cwd=repo, env=env)
+    done = subprocess.run(["dvc", "repro"], cwd=repo, env=pipeline_env(repo))
     seconds = time.perf_counter() - started
     if done.returncode == 0:
         print((repo / "reports" / "summary.md").read_text().split("\n\n")[1])

@@ -15,8 +15,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import render  # noqa: E402  (bench/ is not a package)
 
-GIT_IDENTITY = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
-                "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost"}
+from seed_core.smoke import GIT_IDENTITY  # noqa: E402
 
 
 def two_stage_repo(repo: Path) -> None:
