@@ -14,6 +14,9 @@ each tracked stage pays before its first record. And the other end, `exit_s`: fr
 last line to its exit, with torch, timm and MLflow imported, when the interpreter tears its
 modules down and when `seed_core.program.run` (what the stage scripts end with) skips that. With
 `-X importtime` it lists, per stage, the top-level packages that take longest to import.
+The same stage scripts are timed again handed to a `seed_core.warm` server (`warm_startup_s`, as
+`make demo` starts them), with the warm floors: the hand-over of an empty script, and opening
+the MLflow store in a warm stage (MLflow itself is imported already).
 
 From the committed `dvc.lock` (one entry per stage that `dvc repro` runs, `foreach` expanded) it
 sums, over the stages, the start-up of the processes each command starts, and what would go if
@@ -28,7 +31,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import signal
 import shutil
 import statistics
 import subprocess
@@ -43,6 +48,10 @@ from machine import cpu_name, load_average
 from render import OVERHEAD_GOAL_S  # one goal for the benchmark and the page that judges it
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from seed_core import warm  # noqa: E402  (this checkout's)
+
+WARM = str(ROOT / "seed_core" / "warm.py")
 FLOORS = {"python": "pass", "import torch": "import torch", "import timm": "import timm",
           "import mlflow": "import mlflow"}
 # what every tracked stage pays when its tracking starts (seed_core.tracking.MlflowTracker):
@@ -63,9 +72,9 @@ TORCHRUN = "torch.distributed.run"
 SCRIPT = re.compile(r"stages/([a-z_]+)\.py")
 
 
-def wall(command: list[str]) -> float:
+def wall(command: list[str], env: dict[str, str] | None = None) -> float:
     started = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, env=env)
     return time.perf_counter() - started
 
 
@@ -76,11 +85,49 @@ def exit_seconds(code: str) -> float:
     return time.time() - float(done.stdout.split()[-1])
 
 
-def median_wall(command: list[str], repeat: int) -> float:
+def median_wall(command: list[str], repeat: int, env: dict[str, str] | None = None) -> float:
     # one untimed run first: the first start reads torch's files from disk (a cold page cache),
     # seconds that no stage of a pipeline run pays after the first
-    wall(command)
-    return statistics.median(wall(command) for _ in range(repeat))
+    wall(command, env)
+    return statistics.median(wall(command, env) for _ in range(repeat))
+
+
+class WarmServer:
+    """A `seed_core.warm` server of its own (a scratch socket directory), for the warm column;
+    ended when the benchmark is done."""
+
+    def __init__(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="bw", dir="/tmp")
+        self.env = {**os.environ, warm.SWITCH_ENV: "1", warm.DIR_ENV: self.directory}
+        self.scripts = Path(self.directory) / "scripts"
+        self.scripts.mkdir()
+
+    def __enter__(self) -> "WarmServer":
+        wall(self.command("pass"), self.env)  # cold: it starts the server
+        deadline = time.monotonic() + 120
+        while not self._serving() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not self._serving():
+            raise RuntimeError(f"no warm-start server came up in {self.directory}")
+        return self
+
+    def command(self, code: str) -> list[str]:
+        """`python seed_core/warm.py SCRIPT` for a script holding `code`."""
+        script = self.scripts / f"s{len(list(self.scripts.iterdir()))}.py"
+        script.write_text(code)
+        return [sys.executable, WARM, str(script)]
+
+    def _serving(self) -> list[str]:
+        return [line for log in Path(self.directory).glob("*.log")
+                for line in log.read_text().splitlines() if "serving" in line]
+
+    def __exit__(self, *_) -> None:
+        for line in self._serving():
+            try:
+                os.kill(int(line.rsplit("pid ", 1)[1].rstrip(")")), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def top_imports(command: list[str], count: int = 4) -> list[dict[str, float | str]]:
@@ -139,11 +186,25 @@ def main(argv: list[str] | None = None) -> None:
     floors = {name: round(median_wall([python, "-c", f"{code}\nimport os; os._exit(0)"],
                                       args.repeat), 3)
               for name, code in floor_code.items()}
-    shutil.rmtree(store.parent)
+    shutil.rmtree(store.parent)  # the warm store below is a fresh one
     exits = {name: round(statistics.median(exit_seconds(code) for _ in range(args.repeat)), 3)
              for name, code in EXITS.items()}
     startup = {name: round(median_wall(command, args.repeat), 3)
                for name, command in programs.items()}
+    # the same scripts handed to a warm-start server (make demo): the client's start, the
+    # hand-over and what the server had not imported; and in such a stage, what its tracking's
+    # start still costs (opening the store: MLflow is imported already)
+    store.parent.mkdir()
+    with WarmServer() as server:
+        warm_floor_code = {"hand-over": "pass",
+                           "mlflow store": MLFLOW_STORE.format(db=store).replace(
+                               "import torch; ", "")}
+        warm_floors = {name: round(median_wall(server.command(code), args.repeat, server.env),
+                                   3) for name, code in warm_floor_code.items()}
+        warm_startup = {script: round(median_wall([sys.executable, WARM, script, "--help"],
+                                                  args.repeat, server.env), 3)
+                        for script in scripts}
+    shutil.rmtree(store.parent)
     imports = {name: top_imports(command) for name, command in programs.items()
                if name.startswith("stages/")}
     per_stage = {}
@@ -153,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
             per_stage[stage] = {"processes": started,
                                 "seconds": round(sum(startup[p] for p in started), 3)}
     total = sum(entry["seconds"] for entry in per_stage.values())
+    # started warm: the launcher stays a fresh process, the stage script is handed over
+    warm_total = sum(startup[p] if p not in warm_startup else warm_startup[p]
+                     for entry in per_stage.values() for p in entry["processes"])
     # were every process cut to `import torch` at most (those that start below it stay as they are)
     removable = sum(max(0.0, startup[p] - floors["import torch"])
                     for entry in per_stage.values() for p in entry["processes"])
@@ -164,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
         "top_imports": imports, "stages": per_stage,
         "complete": len(per_stage) == len(commands),
         "sum_startup_s": round(total, 1),
+        "warm_floors_s": warm_floors, "warm_startup_s": warm_startup,
+        "sum_warm_startup_s": round(warm_total, 1),
         "removable_by_lazier_imports_s": round(removable, 1),
         "overhead_goal_s": OVERHEAD_GOAL_S}, indent=1))
 

@@ -320,28 +320,51 @@ def startup_section(bench: Mapping[str, Any]) -> list[str]:
     """`bench/bench_startup.py`: each program's start-up, the floors, the sum over `dvc.lock`."""
     floors = bench["floors_s"]
     rows = []
+    warm = bench.get("warm_startup_s")  # runs before the warm start existed have none
     for name, seconds in sorted(bench["startup_s"].items(), key=lambda item: -item[1]):
         top = bench["top_imports"].get(name, [])
-        rows.append([f"`{name}`", f"{seconds:.2f}",
-                     ", ".join(f"{t['package']} {t['seconds']:.2f}" for t in top) or "–"])
+        rows.append([f"`{name}`", f"{seconds:.2f}"]
+                    + ([f"{warm[name]:.2f}" if name in warm else "–"] if warm else [])
+                    + [", ".join(f"{t['package']} {t['seconds']:.2f}" for t in top) or "–"])
     total, removable = bench["sum_startup_s"], bench["removable_by_lazier_imports_s"]
     whole = "" if bench.get("complete", True) else " (**not every stage timed**)"
     # runs before warm_up_runs existed timed the first, cold start too
-    warm = ", after one untimed run of each" if bench.get("warm_up_runs") else ""
+    untimed = ", after one untimed run of each" if bench.get("warm_up_runs") else ""
     return ([f"**Process start-up** (`bench/bench_startup.py`: median of {bench['repeat']} fresh "
-             f"processes to the end of argument parsing, `--help`{warm}{measured_on(bench)}; "
-             f"seconds). "
+             f"processes to the end of argument parsing, `--help`{untimed}{measured_on(bench)}; "
+             f"seconds; *warm*: the same, handed to a `seed_core.warm` server). "
              f"Floors: " + ", ".join(f"{name} {value:.2f}" for name, value in floors.items())
              + ".", ""]
-            + table(["program", "start-up", "slowest top-level imports (cumulative)"], rows)
+            + table(["program", "start-up"] + (["warm"] if warm else [])
+                    + ["slowest top-level imports (cumulative)"], rows)
             + ["", f"Over the {len(bench['stages'])} stages of the committed `dvc.lock`{whole}, "
-                   f"the processes they start take {total:.1f} s to reach their work, before "
+                   f"the fresh processes they start take {total:.1f} s to reach their work, before "
                    f"DVC's own time between them and the MLflow import of tracked stages; cutting "
                    f"every process to `import torch` would remove {removable:.1f} s of it. Goal "
                    f"for DVC and start-up together: ≤ {bench['overhead_goal_s']:.0f} s; "
                    + ("start-up alone is within it; MLflow (below) and DVC's time add to it."
                       if total <= bench["overhead_goal_s"] else "**missed** by start-up alone.")]
-            + mlflow_store_sentence(bench) + exit_sentence(bench))
+            + mlflow_store_sentence(bench) + warm_sentence(bench) + exit_sentence(bench))
+
+
+def warm_sentence(bench: Mapping[str, Any]) -> list[str]:
+    """The start-up of the stages handed to a warm-start server, as `make demo` starts them."""
+    if "warm_startup_s" not in bench:  # runs before the warm start existed
+        return []
+    floors, warm = bench["floors_s"], bench["warm_floors_s"]
+    stages = len(bench["stages"])
+    store = floors["torch + mlflow store"] - floors["import torch"]
+    return ["", f"Started warm (`SEED_WARM_START=1`, which `make demo`, `make smoke` and `make "
+                f"reproduce` set: `seed_core/warm.py` hands the script to a process forked from "
+                f"a server that has imported torch, timm and MLflow), an empty script takes "
+                f"{warm['hand-over']:.2f} s from the client's start to its end (python alone: "
+                f"{floors['python']:.2f} s), and the stage scripts "
+                f"{min(bench['warm_startup_s'].values()):.2f} to "
+                f"{max(bench['warm_startup_s'].values()):.2f} s: over the {stages} stages "
+                f"{bench['sum_warm_startup_s']:.1f} s instead of {bench['sum_startup_s']:.1f} s. "
+                f"A warm stage's tracking opens the store in {warm['mlflow store']:.2f} s instead "
+                f"of {store:.2f} s: {stages} × {store - warm['mlflow store']:.2f} = "
+                f"{stages * (store - warm['mlflow store']):.1f} s less."]
 
 
 def exit_sentence(bench: Mapping[str, Any]) -> list[str]:

@@ -5,7 +5,7 @@ stage that runs under torchrun (pretrain@*, distill). It reads the `launch` sect
 params file at run time, so launch settings are no DVC params: switching the backend re-runs
 nothing. With `launch.backend: local` it becomes `torchrun --standalone --nproc_per_node N ...`,
 or, for one process, the stage itself (torchrun's start-up, ~2 s, buys nothing there: one process
-joins no process group).
+joins no process group), through `seed_core/warm.py` when a warm start is asked for.
 With `slurm` it writes a batch script (`batch_script`, a pure function of the params), submits it
 with `sbatch` and blocks until the job has ended, streaming its log:
 
@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
+from seed_core import warm
 from seed_core.config import LaunchConfig, load_params
 from seed_core.io import UserError
 
@@ -134,6 +135,8 @@ def local_command(nproc: int, command: Sequence[str], python: str = sys.executab
     """`torchrun --standalone` on this machine; one process runs the stage script directly (it
     then joins no process group either way, and signals reach it without torchrun between)."""
     if nproc == 1:
+        if warm.enabled(os.environ):  # handed to a process with torch imported
+            return [python, str(Path(warm.__file__).resolve()), *command]
         return [python, *command]
     return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
             str(nproc), *command]

@@ -17,6 +17,9 @@ teardown): failures are rare, and keep every guarantee.
 
     if __name__ == "__main__":
         program.run(main)
+
+`process_started_at` is where a stage's `started_at` comes from: the start of the process DVC
+started, also when `seed_core.warm` handed the stage to a forked process.
 """
 
 from __future__ import annotations
@@ -25,7 +28,40 @@ import atexit
 import os
 import sys
 import threading
+import time
 from typing import Callable
+
+# `<pid>:<Unix seconds>`: the start of the command whose work the process `pid` does (set by
+# `seed_core.warm` in the process it forks for a stage); other processes ignore it
+STARTED_AT_ENV = "SEED_STARTED_AT"
+_IMPORTED_AT = time.time()
+
+
+def started_at_of(value: str | None, pid: int) -> float | None:
+    """The start time `STARTED_AT_ENV`'s `value` gives process `pid`, or None if it names another
+    process (a child inherits the variable, not its parent's start) or is malformed."""
+    owner, _, seconds = (value or "").partition(":")
+    try:
+        return float(seconds) if int(owner) == pid else None
+    except ValueError:
+        return None
+
+
+def process_started_at() -> float:
+    """When this process's command started (Unix time): the hand-over's start for a stage that
+    `seed_core.warm` forked, else from /proc on Linux (10 ms ticks since boot, so interpreter
+    start-up and imports count), else when this module was imported."""
+    handed_over = started_at_of(os.environ.get(STARTED_AT_ENV), os.getpid())
+    if handed_over is not None:
+        return handed_over
+    try:
+        with open("/proc/self/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        since_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+        uptime = time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return _IMPORTED_AT
+    return time.time() - (uptime - since_boot)
 
 
 def exit_status(code: object) -> int:

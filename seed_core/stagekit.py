@@ -16,29 +16,14 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Iterator
 
 from seed_core.config import Params, flatten
 from seed_core.io import UserError, is_disk_full
+from seed_core.program import process_started_at
 from seed_core.tracking import NullTracker, Tracker, start_tracking
 
 EXIT_USER_ERROR = 1
-_IMPORTED_AT = time.time()
-
-
-def process_started_at() -> float:
-    """When this process started (Unix time): from /proc on Linux (10 ms ticks since boot, so
-    interpreter start-up and imports count), else when this module was imported."""
-    try:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-        since_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
-        uptime = time.clock_gettime(time.CLOCK_BOOTTIME)
-    except (OSError, ValueError, IndexError, AttributeError):
-        return _IMPORTED_AT
-    return time.time() - (uptime - since_boot)
-
-
 def run_times() -> dict[str, float]:
     """`started_at` (the process's start) and `finished_at` (now), Unix seconds, for a stage's
     metrics: the report adds the gaps between stages up into DVC's and start-up overhead."""

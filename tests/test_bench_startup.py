@@ -55,3 +55,11 @@ def test_a_run_times_the_floors_and_the_stage_and_renders() -> None:
     assert f"3 × {saved:.2f} = {3 * saved:.1f} s less between the stages" in text
     store = floors["torch + mlflow store"] - floors["import torch"]
     assert f"3 × {store:.2f} = {3 * store:.1f} s more" in text
+    # handed to a warm-start server, the kNN stage skips torch's import: a hand-over that
+    # fell back to a fresh process (or a server that imported nothing) would not be this fast
+    warm_floors, warm_startup = result["warm_floors_s"], result["warm_startup_s"]
+    assert warm_startup["stages/knn.py"] < floors["import torch"] / 2
+    assert warm_floors["hand-over"] < floors["import torch"] / 2
+    assert warm_floors["mlflow store"] < store
+    assert abs(result["sum_warm_startup_s"] - 3 * warm_startup["stages/knn.py"]) < 0.2
+    assert f"{result['sum_warm_startup_s']:.1f} s instead of" in text

@@ -3,11 +3,15 @@ tracked by a real MLflow server on 127.0.0.1 with a sqlite store."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -18,6 +22,7 @@ import pytest
 import yaml
 
 from conftest import free_port
+from seed_core import warm
 from seed_core.smoke import scratch_copy
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -396,14 +401,41 @@ def test_code_edits_rerun_exactly_the_stages_that_import_them(repo: Repo) -> Non
                        "report"}
 
 
+def _weights_and_features(path: Path) -> dict[str, str]:
+    return {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for pattern in ("models/**/*.safetensors", "data/features/**/*.safetensors",
+                            "data/teacher_cache/**/*.safetensors")
+            for p in sorted(path.glob(pattern))}
+
+
 def test_same_params_and_seed_give_identical_metrics(repo: Repo) -> None:
-    """Issue 12: on CPU a second run of the whole pipeline reproduces every metric."""
+    """Issue 12: on CPU a second run of the whole pipeline reproduces every metric; the second
+    run starts its stages warm (seed_core.warm, as `make demo` does), so that the weights,
+    features and metrics of forked stage processes are also those of fresh ones."""
     # pipeline.json is about the wall clock only (which stages ran in one repro, and when)
     metrics = sorted(p for p in (repo.path / "metrics").glob("*.json") if p.name != "pipeline.json")
     before = {p.name: without_timing(json.loads(p.read_text())) for p in metrics}
-    assert repo.run("dvc", "repro", "--force").returncode == 0
+    files_before = _weights_and_features(repo.path)
+    assert len(files_before) >= 6
+    warm_dir = tempfile.mkdtemp(prefix="warm", dir="/tmp")
+    cold_env = repo.env
+    repo.env = {**cold_env, warm.SWITCH_ENV: "1", warm.DIR_ENV: warm_dir}
+    try:
+        assert repo.run("dvc", "repro", "--force").returncode == 0
+    finally:
+        repo.env = cold_env
+        logs = "".join(p.read_text() for p in Path(warm_dir).glob("*.log"))
+        for line in logs.splitlines():  # the server leaves when idle; not to wait for that
+            if "serving" in line:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(line.rsplit("pid ", 1)[1].rstrip(")")), signal.SIGTERM)
+    handed_over = re.findall(r"stages/(\w+)\.py[^:]*: pid", logs)
+    # the first stages start cold while the server imports; every later one is forked
+    assert {"distill", "pretrain", "knn", "linear", "features", "report"} <= set(handed_over)
+    assert len(handed_over) >= 12
     after = {p.name: without_timing(json.loads(p.read_text())) for p in metrics}
     assert after == before
+    assert _weights_and_features(repo.path) == files_before
 
 
 def test_replacing_the_teacher_checkpoint_in_place_reruns_the_teacher(repo: Repo) -> None:
