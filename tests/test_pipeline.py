@@ -432,7 +432,7 @@ def test_same_params_and_seed_give_identical_metrics(repo: Repo) -> None:
     handed_over = re.findall(r"stages/(\w+)\.py[^:]*: pid", logs)
     # the first stages start cold while the server imports; every later one is forked
     assert {"distill", "pretrain", "knn", "linear", "features", "report"} <= set(handed_over)
-    assert len(handed_over) >= 12
+    assert len(handed_over) >= 10  # of 18
     after = {p.name: without_timing(json.loads(p.read_text())) for p in metrics}
     assert after == before
     assert _weights_and_features(repo.path) == files_before
