@@ -200,6 +200,22 @@ def split_timestamps(metrics: Mapping[str, float]) -> tuple[dict[str, float], di
     return values, times
 
 
+# MLflow's run page charts a metric `a/b` in section `a`, sorts sections by name before the
+# metrics with no section ("Model metrics") and charts by name inside each (mlflow 3.17,
+# getBaseChartAndSectionConfigs): training curves under `train/` thus open the page, the
+# method's own (loss, lr, agreement) above where and how fast it went, in `train/progress/`.
+CURVES_SECTION = "train"
+PROGRESS_SECTION = f"{CURVES_SECTION}/progress"
+PROGRESS_KEYS = frozenset({"epoch", "data_seconds", "step_seconds"})
+
+
+def curve_metrics(row: Mapping[str, float]) -> dict[str, float]:
+    """A training log row as MLflow curves: `loss` -> `train/loss`, `step_seconds` ->
+    `train/progress/step_seconds`. `step` is the curves' x axis already and is left out."""
+    return {f"{PROGRESS_SECTION if key in PROGRESS_KEYS else CURVES_SECTION}/{key}": value
+            for key, value in row.items() if key != "step"}
+
+
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """Numbers of a nested metrics dict as `{"holdout.top1": ..}`; lists and text are left out."""
     flat: dict[str, float] = {}

@@ -35,6 +35,7 @@ from seed_core.precision import autocast, channels_last, resolve, training_preci
 from seed_core.queue import EmbeddingQueue
 from seed_core.stagekit import add_params_arguments
 from seed_core.teachers.canonical import load_canonical, resolve_canonical_file
+from seed_core.tracking import curve_metrics
 from seed_core.train.curves import StepLog
 from seed_core.train.distill import seed_step
 from seed_core.train.run import (CURVE_COLUMNS, TrainingRun, checkpoint_store, per_rank_batch,
@@ -158,7 +159,7 @@ def distill(args: argparse.Namespace, params: Params, rt: distributed.Runtime, t
     ran, seconds = timed(lambda: run.fit(
         shards=shards, transform=colour_later(transform) if colour_on_device else transform,
         seed=cfg.seed, workers=data.workers, step=step,
-        on_metrics=lambda s, m: tracker.log_metrics(m, step=s),
+        on_metrics=lambda s, m: tracker.log_metrics(curve_metrics(m), step=s),
         checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, desc="distill"))
     last = run.steplog.rows[-1] if run.steplog.rows else {}
     summary = {"teacher_arch": teacher_meta["arch"], "student_arch": params.student.arch,

@@ -39,7 +39,7 @@ from seed_core.evaluation.splits import holdout_split
 from seed_core.launch import stage
 from seed_core.precision import autocast, channels_last, resolve, to_device
 from seed_core.stagekit import add_params_arguments
-from seed_core.tracking import flatten_metrics
+from seed_core.tracking import curve_metrics, flatten_metrics
 from seed_core.tracking import Tracker
 
 log = logging.getLogger("linear")
@@ -118,7 +118,7 @@ def augmented_trainer(args: argparse.Namespace, params: Params, device: torch.de
                                    everything if full else fit_samples, precision)
         return fit_linear(source, width, num_classes, cfg.epochs, lr, cfg.momentum,
                           cfg.weight_decay, cfg.seed, device, on_epoch=epoch_logger(
-                              tracker, f"{'final' if full else f'lr_{lr:g}'}.train_loss"))
+                              tracker, f"{'final' if full else f'lr_{lr:g}'}.loss"))
 
     return train_fn
 
@@ -128,7 +128,7 @@ def augmented_trainer(args: argparse.Namespace, params: Params, device: torch.de
 
 def epoch_logger(tracker: Tracker, key: str) -> Callable[[int, float], None]:
     def on_epoch(epoch: int, loss: float) -> None:
-        tracker.log_metrics({key: loss}, step=epoch)
+        tracker.log_metrics(curve_metrics({key: loss}), step=epoch)
         log.debug("%s epoch %d: %.4f", key, epoch, loss)  # the lr's line: its holdout top-1
     return on_epoch
 
@@ -143,7 +143,7 @@ def cached_trainer(params: Params, device: torch.device, train: dict[str, torch.
         return train_linear(train["features"][rows], train["labels"][rows], num_classes,
                             cfg.epochs, lr, cfg.batch_size, cfg.momentum, cfg.weight_decay,
                             cfg.seed, device, on_epoch=epoch_logger(
-                                tracker, f"{'final' if full else f'lr_{lr:g}'}.train_loss"))
+                                tracker, f"{'final' if full else f'lr_{lr:g}'}.loss"))
 
     return train_fn
 

@@ -35,6 +35,7 @@ from seed_core.models.encoder import build_encoder
 from seed_core.precision import autocast, training_precision
 from seed_core.queue import EmbeddingQueue
 from seed_core.stagekit import add_params_arguments, run_times
+from seed_core.tracking import curve_metrics
 from seed_core.train.curves import StepLog
 from seed_core.train.moco import moco_step
 from seed_core.train.run import (CURVE_COLUMNS, TrainingRun, checkpoint_store, per_rank_batch,
@@ -135,7 +136,7 @@ def pretrain(args: argparse.Namespace, params: Params, rt: distributed.Runtime,
     ran, seconds = timed(lambda: run.fit(
         shards=shards, transform=colour_later(transform) if colour_on_device else transform,
         seed=cfg.seed, workers=data.workers, step=step,
-        on_metrics=lambda s, m: tracker.log_metrics(m, step=s),
+        on_metrics=lambda s, m: tracker.log_metrics(curve_metrics(m), step=s),
         checkpoint_every=cfg.checkpoint_every or schedule.steps_per_epoch, log_every=cfg.log_every,
         desc=f"pretrain {args.target}"))
     summary = {"role": args.target, "arch": arch, "epochs": epochs, **run.summary(ran, seconds)}

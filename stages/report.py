@@ -2,8 +2,9 @@
 
 Writes `metrics/summary.json` (`{"teacher": {"knn_top1", "knn_top5", "linear_top1",
 "linear_top5"}, "baseline": {...}, "student": {...}}`, test-split percentages),
-`metrics/headline.json` (holdout top-1 per model, SEED vs baseline, training seconds: what
-runs are compared by, see `seed_core.report.tables.headline_metrics`),
+`metrics/headline/{teacher,baseline,student,seed_minus_baseline}.json` (test and holdout
+top-1 per model, training seconds, SEED − baseline with p: what runs are compared by and
+`dvc metrics show` lists, one row per file, see `seed_core.report.tables.headline_rows`),
 `metrics/paired.json` (the paired tests of every model pair on the same test images, from the
 kNN / linear stages' per-sample predictions: `{protocol: {pair: comparison}}`),
 `reports/summary.md`, and `plots/{training_curves,per_class_accuracy,embedding_projection}.png`;
@@ -37,7 +38,7 @@ from seed_core.report.plots import (pca_2d, plot_embeddings, plot_per_class, plo
 from seed_core.report.prose import ReadingContext, render_summary_md
 from seed_core.report.readers import (check_reproduce, read_metrics, read_model_meta,
                                       read_training_log, stage_seconds)
-from seed_core.report.tables import (MODELS, PROTOCOLS, build_summary, headline_metrics,
+from seed_core.report.tables import (MODELS, PROTOCOLS, build_summary, headline_rows,
                                      seeds_table, summary_metrics)
 from seed_core.report.timing import pipeline_timing, read_stage_times, timing_sentence
 from seed_core.stagekit import add_params_arguments, process_started_at
@@ -52,8 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", default="reports")
     p.add_argument("--plots-dir", default="plots")
     p.add_argument("--summary", default="metrics/summary.json")
-    p.add_argument("--headline", default="metrics/headline.json",
-                   help="output: holdout top-1, SEED vs baseline and training seconds")
+    p.add_argument("--headline-dir", default="metrics/headline",
+                   help="output: the headline rows, one JSON file each (see dvc.yaml)")
     add_params_arguments(p)
     p.add_argument("--metrics-dir", default="metrics",
                    help="stage metrics JSONs whose `seconds` sum to the pipeline compute time")
@@ -168,7 +169,7 @@ def build(args: argparse.Namespace, params: Params, tracker: Tracker) -> dict[st
     if args.reproduce:
         seeds_md = seeds_table(check_reproduce(read_metrics(args.reproduce, "make reproduce"),
                                                args.reproduce))
-    not_stages = [args.summary, args.headline, args.paired, args.pipeline,
+    not_stages = [args.summary, args.paired, args.pipeline,
                   Path(args.metrics_dir) / "reproduce.json"]
     seconds = stage_seconds(args.metrics_dir, exclude=not_stages)
     # this stage's own times: it is the last stage of the run
@@ -184,7 +185,8 @@ def build(args: argparse.Namespace, params: Params, tracker: Tracker) -> dict[st
     write_json(args.pipeline, timing)
     write_json(args.paired, paired)
     write_json(args.summary, summary)
-    write_json(args.headline, headline_metrics(knn, linear, paired, seconds))
+    for name, row in headline_rows(knn, linear, paired, seconds).items():
+        write_json(Path(args.headline_dir) / f"{name}.json", row)
     write_text(out_dir / "summary.md", markdown)
     log.info("summary: %s", summary)
 

@@ -80,6 +80,29 @@ def test_a_run_with_headline_json_reads_the_same_row_from_it() -> None:
                               "distill": 87.4}
 
 
+def test_a_run_with_headline_rows_reads_the_same_row_from_them() -> None:
+    """Runs since metrics/headline/ declare only its four files as metrics (p as text); their
+    row equals the row read from the files of older runs. A stage's own `metrics/teacher.json`
+    (a metric of runs before b4938e5) is not taken for `metrics/headline/teacher.json`."""
+    old = collect(SHOWN)[1]
+    rows = {"teacher": {"knn": 80.0, "linear": 83.0},
+            "baseline": {"knn": 60.0, "linear": 61.0},
+            "student": {"knn": 74.0, "knn_holdout": 73.0, "linear": 76.0, "train_s": 87.4},
+            "seed_minus_baseline": {"knn": 13.4, "knn_p": "1.0e-40", "linear": 15.7,
+                                    "linear_p": "0.002"}}
+    experiment = run({**BASE, "distill": {"t_teacher": 0.01, "hidden_dim": 0}}, summary(74.0),
+                     {}, "tt001", "b" * 40)
+    experiment["data"]["metrics"] = {
+        "metrics/teacher.json": {"data": {"knn": 1.0, "seconds": 5.0}},
+        **{f"metrics/headline/{name}.json": {"data": row} for name, row in rows.items()}}
+    shown = [{**SHOWN[1], "experiments": [{"name": "tt001", "revs": [experiment]}]}]
+    new = collect(shown)[1]
+    assert new == old
+    rows["seed_minus_baseline"]["knn_p"] = "< 1e-300"
+    assert collect(shown)[1]["seed_vs_baseline"]["knn"] == {"difference": 13.4, "p_value": 0.0}
+    assert "+13.40 (p < 1e-300)" in table(collect(shown))
+
+
 def test_the_holdout_split_is_labelled_and_keeps_the_test_tests_apart() -> None:
     rows = collect(SHOWN)
     assert rows[1]["holdout_top1"]["student"] == {"knn": 73.0, "linear": None}

@@ -131,24 +131,33 @@ def repo(tmp_path_factory, mlflow_server) -> Repo:
     return scratch
 
 
-def test_dvc_metrics_show_lists_the_two_headline_files(repo: Repo) -> None:
-    """Issue 19: the stages' detailed metrics are plain outputs, so `dvc metrics show` is the
-    summary (test top-1/top-5) and the headline (holdout top-1, SEED vs baseline, seconds)."""
+def test_dvc_metrics_show_is_one_table_of_the_headline_rows(repo: Repo) -> None:
+    """Issue 19: the stages' detailed metrics and summary.json are plain outputs, so
+    `dvc metrics show` is a row each for teacher, baseline, SEED and SEED - baseline over 7
+    shared columns: test and holdout top-1, training seconds, the paired test's p."""
     shown = json.loads(repo.run("dvc", "metrics", "show", "--json").stdout)
-    files = shown[""]["data"]
-    assert sorted(files) == ["metrics/headline.json", "metrics/summary.json"]
-    assert files["metrics/summary.json"]["data"] == repo.read_json("metrics/summary.json")
-    headline = files["metrics/headline.json"]["data"]
-    assert headline["holdout"]["student"]["knn_top1"] == \
-        repo.read_json("metrics/knn_student.json")["holdout"]["top1"]
-    assert headline["seed_vs_baseline"]["linear"]["p_value"] == pytest.approx(
-        repo.read_json("metrics/paired.json")["linear"]["student_vs_baseline"]["p_value"],
-        rel=5e-3)
-    assert set(headline["train_seconds"]) == {"teacher", "baseline", "student"}
+    files = {path: entry["data"] for path, entry in shown[""]["data"].items()}
+    names = ["teacher", "baseline", "student", "seed_minus_baseline"]
+    assert sorted(files) == sorted(f"metrics/headline/{name}.json" for name in names)
+    summary = repo.read_json("metrics/summary.json")
+    for model in ("teacher", "baseline", "student"):
+        row = files[f"metrics/headline/{model}.json"]
+        assert row["knn"] == round(summary[model]["knn_top1"], 2)
+        assert row["linear_holdout"] == round(
+            repo.read_json(f"metrics/linear_{model}.json")["holdout"]["top1"], 2)
+    assert files["metrics/headline/student.json"]["train_s"] == round(
+        repo.read_json("metrics/distill.json")["seconds"], 1)
+    gain = files["metrics/headline/seed_minus_baseline.json"]
+    paired = repo.read_json("metrics/paired.json")["linear"]["student_vs_baseline"]
+    assert gain["linear"] == round(paired["difference"], 2)
+    assert float(gain["linear_p"]) == pytest.approx(paired["p_value"], rel=0.05)
     text = repo.run("dvc", "metrics", "show").stdout.splitlines()
-    assert len(text) == 3, text  # the header and one row per file
-    # 12 + 13 columns (the demo's: 676 characters; it was 22 rows of ~7,100 characters)
-    assert max(map(len, text)) < 800, max(map(len, text))
+    assert len(text) == 5, text  # the header and one row per file, in that order
+    assert [line.split()[0] for line in text[1:]] == [f"metrics/headline/{n}.json" for n in names]
+    assert text[0].split() == ["Path", "knn", "knn_holdout", "knn_p", "linear",
+                               "linear_holdout", "linear_p", "train_s"]
+    # (it was 2 files, 25 columns, 676 characters in the demo; 22 rows of ~7,100 before that)
+    assert max(map(len, text)) < 160, max(map(len, text))
 
 
 def test_outputs_have_their_contract_shapes(repo: Repo) -> None:
@@ -360,10 +369,21 @@ def check_experiment_in_mlflow(repo: Repo, uri: str, name: str) -> None:
     assert newest.tags["dvc_exp_name"] == name
     assert newest.tags["seed.changed_params"] == "distill.t_student=0.1"
     assert float(newest.tags["student.knn_top1"]) == pytest.approx(summary["student"]["knn_top1"])
+    # the run page's charts open with the training curves (section `train/`, before the
+    # unsectioned summary numbers), the loss and lr before progress and timing
+    distill, = client.search_runs([experiment.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
+                                  "tags.dvc_stage = 'distill'")
+    logged = set(distill.data.metrics)
+    assert {"train/loss", "train/lr", "train/progress/epoch"} <= logged, logged
+    assert not {"loss", "lr", "step", "train/step"} & logged, logged
+    curves = {key for key in logged  # what was logged at a training step: the curves
+              if any(m.step for m in client.get_metric_history(distill.info.run_id, key))}
+    assert curves and all(key.startswith("train/") for key in curves), curves
 
 
 TIMING_KEYS = {"seconds", "images_per_s", "records_per_s", "data_seconds", "compute_seconds",
-               "data_wait_fraction", "started_at", "finished_at", "train_seconds"}
+               "data_wait_fraction", "started_at", "finished_at", "train_seconds", "train_s"}
 
 
 def without_timing(metrics: object) -> object:
@@ -413,7 +433,8 @@ def test_same_params_and_seed_give_identical_metrics(repo: Repo) -> None:
     run starts its stages warm (seed_core.warm, as `make demo` does), so that the weights,
     features and metrics of forked stage processes are also those of fresh ones."""
     # pipeline.json is about the wall clock only (which stages ran in one repro, and when)
-    metrics = sorted(p for p in (repo.path / "metrics").glob("*.json") if p.name != "pipeline.json")
+    metrics = sorted(p for p in (repo.path / "metrics").rglob("*.json")
+                     if p.name != "pipeline.json")
     before = {p.name: without_timing(json.loads(p.read_text())) for p in metrics}
     files_before = _weights_and_features(repo.path)
     assert len(files_before) >= 6

@@ -24,7 +24,7 @@ from seed_core.report.comparisons import paired_metrics
 from seed_core.report.prose import ReadingContext, reading_paragraph, render_summary_md
 from seed_core.report.readers import (check_reproduce, read_metrics, read_model_meta,
                                       read_training_log, stage_seconds)
-from seed_core.report.tables import (MODELS, SUMMARY_KEYS, build_summary, method_label,
+from seed_core.report.tables import (MODELS, SUMMARY_KEYS, build_summary, method_label, p_label,
                                      results_table, seeds_table, summary_metrics)
 from seed_core.teachers.canonical import save_encoder
 from seed_core.tracking import flatten_metrics
@@ -541,20 +541,21 @@ def test_features_knn_linear_report_pipeline(tiny_pipeline, monkeypatch):
     assert got["difference"] == pytest.approx(summary["student"]["knn_top1"]
                                               - summary["baseline"]["knn_top1"])
     assert tracker.parent["paired.knn.student_vs_baseline.p_value"] == got["p_value"]
-    # headline.json: the scalars `dvc exp show` compares runs by, equal to their sources
-    headline = json.loads(Path("metrics/headline.json").read_text())
-    assert headline["holdout"]["student"] == {
-        "knn_top1": round(knn_metrics["holdout"]["top1"], 2),
-        "linear_top1": round(lin["holdout"]["top1"], 2)}
-    assert set(headline["holdout"]) == {"teacher", "baseline", "student"}
-    assert headline["seed_vs_baseline"]["knn"] == {
-        "difference": round(got["difference"], 2), "p_value": float(f"{got['p_value']:.3g}")}
-    assert headline["seed_vs_baseline"]["knn"]["p_value"] == pytest.approx(got["p_value"],
-                                                                           rel=5e-3)
-    assert set(headline["seed_vs_baseline"]) == {"knn", "linear"}
-    assert all(isinstance(v, float) for section in headline.values()
-               for row in section.values() for v in (row.values() if isinstance(row, dict)
-                                                     else [row]))
+    # metrics/headline/: the rows `dvc metrics show` lists, equal to their sources
+    rows = {path.stem: json.loads(path.read_text())
+            for path in Path("metrics/headline").glob("*.json")}
+    assert set(rows) == {"teacher", "baseline", "student", "seed_minus_baseline"}
+    assert rows["student"] == {
+        "knn": round(summary["student"]["knn_top1"], 2),
+        "knn_holdout": round(knn_metrics["holdout"]["top1"], 2),
+        "linear": round(summary["student"]["linear_top1"], 2),
+        "linear_holdout": round(lin["holdout"]["top1"], 2)}  # no training stage: no train_s
+    assert set(rows["teacher"]) == set(rows["baseline"]) == set(rows["student"])
+    gain = rows["seed_minus_baseline"]
+    assert set(gain) == {"knn", "knn_p", "linear", "linear_p"}
+    assert gain["knn"] == round(got["difference"], 2)
+    assert gain["knn_p"] == p_label(got["p_value"])  # text: DVC prints numbers to 5 decimals
+    assert float(gain["knn_p"]) == pytest.approx(got["p_value"], rel=0.05)
     assert "## Paired tests (same test images)" in md and "| kNN | SEED − baseline |" in md
     assert "## Students over seeds" not in md
     # with `make reproduce`'s results the report adds the table over seeds

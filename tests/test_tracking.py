@@ -346,3 +346,14 @@ def test_report_outputs_and_model_tags_reach_the_parent_and_the_registry(
     with tracked("report", parse_params({"knn": {"k": 11}})) as other:
         other.tag_model_version("seed-test", {"student.knn_top1": 1.0})
     assert client.get_model_version("seed-test", "1").tags["student.knn_top1"] == "75.0"
+
+
+def test_training_rows_become_sectioned_curves() -> None:
+    """MLflow's run page charts `a/b` in section `a`, sections before unsectioned metrics: the
+    method's curves under `train/`, progress and timing under `train/progress/`, no `step`."""
+    row = {"step": 7, "epoch": 0.5, "loss": 2.0, "lr": 0.03, "agreement": 0.4,
+           "data_seconds": 0.01, "step_seconds": 0.2}
+    assert tracking.curve_metrics(row) == {
+        "train/loss": 2.0, "train/lr": 0.03, "train/agreement": 0.4,
+        "train/progress/epoch": 0.5, "train/progress/data_seconds": 0.01,
+        "train/progress/step_seconds": 0.2}

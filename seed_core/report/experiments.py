@@ -5,11 +5,11 @@
 
 `--collect` reads `dvc exp show --json` (the committed baseline run and every experiment made on
 it with `dvc exp run -S ...`) and adds to the file, per run, the params that differ from the
-baseline, the headline accuracies of `metrics/summary.json` (and the holdout ones of the kNN and
-linear metrics), the paired SEED-vs-baseline tests of `metrics/paired.json` and the seconds of
-the training stages. Experiments live in local git refs that a clone does not fetch, so the rows
-are committed as `metrics/experiments.json` and kept across collections, and the README's
-section between the markers is rendered from that file (`--check`: exit 1 if stale).
+baseline and the rows of `metrics/headline/` (test and holdout top-1 per model, training
+seconds, SEED − baseline with its paired test; older runs: the files that held them then).
+Experiments live in local git refs that a clone does not fetch, so the rows are committed as
+`metrics/experiments.json` and kept across collections, and the README's section between the
+markers is rendered from that file (`--check`: exit 1 if stale).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from typing import Any, Mapping
 from seed_core.evaluation.stats import mean_interval, seed_spread
 from seed_core.io import read_json, write_json
 from seed_core.report.sections import refresh_section
-from seed_core.report.tables import TRAINING_FILES, p_label
+from seed_core.report.tables import (GAIN_ROW, HEADLINE_DIR, TRAINING_FILES, p_label,
+                                      p_of_label)
 
 BEGIN, END = "<!-- experiments: begin -->", "<!-- experiments: end -->"
 MODELS = ("teacher", "baseline", "student")
@@ -43,8 +44,10 @@ def flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _file_data(section: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The data of the file whose path ends in `name` (`summary.json`, `headline/teacher.json`)."""
+    tail = Path(name).parts
     for path, entry in (section or {}).items():
-        if Path(path).name == name and isinstance(entry, Mapping):
+        if Path(path).parts[-len(tail):] == tail and isinstance(entry, Mapping):
             return dict(entry.get("data") or {})
     return {}
 
@@ -53,8 +56,13 @@ def run_row(name: str, data: Mapping[str, Any], base_params: Mapping[str, Any]) 
     """One run of `dvc exp show --json`: changed params, accuracies, tests, training seconds."""
     params = flat(_file_data(data.get("params", {}), "params.yaml"))
     metrics = data.get("metrics", {})
-    summary = _file_data(metrics, "summary.json")
-    headline = _file_data(metrics, "headline.json") or _headline_of_older_run(metrics)
+    rows = {name: _file_data(metrics, f"{HEADLINE_DIR}/{name}.json")
+            for name in (*MODELS, GAIN_ROW)}
+    if any(rows.values()):
+        summary, headline = _summary_and_headline_of_rows(rows)
+    else:  # runs made before metrics/headline/ (up to commit b32e6f5)
+        summary = _file_data(metrics, "summary.json")
+        headline = _file_data(metrics, "headline.json") or _headline_of_older_run(metrics)
     holdout, tests = headline.get("holdout") or {}, headline.get("seed_vs_baseline") or {}
     trained = headline.get("train_seconds") or {}
     return {
@@ -70,6 +78,22 @@ def run_row(name: str, data: Mapping[str, Any], base_params: Mapping[str, Any]) 
                                  for key in ("difference", "p_value")} for p in PROTOCOLS},
         "seconds": {Path(TRAINING_FILES[model]).stem: trained.get(model) for model in MODELS},
     }
+
+
+def _summary_and_headline_of_rows(rows: Mapping[str, Mapping[str, Any]]
+                                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """summary.json's and headline.json's layouts (the earlier metrics files) from the rows of
+    `metrics/headline/`, see `seed_core.report.tables.headline_rows`."""
+    summary = {model: {f"{p}_top1": rows[model].get(p) for p in PROTOCOLS} for model in MODELS}
+    gain = rows[GAIN_ROW]
+    headline = {
+        "holdout": {model: {f"{p}_top1": rows[model].get(f"{p}_holdout") for p in PROTOCOLS}
+                    for model in MODELS},
+        "seed_vs_baseline": {p: {"difference": gain.get(p),
+                                 "p_value": None if gain.get(f"{p}_p") is None
+                                 else p_of_label(gain[f"{p}_p"])} for p in PROTOCOLS},
+        "train_seconds": {model: rows[model].get("train_s") for model in MODELS}}
+    return summary, headline
 
 
 def _headline_of_older_run(metrics: Mapping[str, Any]) -> dict[str, Any]:

@@ -49,25 +49,47 @@ TRAINING_FILES = {"teacher": "pretrain_teacher.json", "baseline": "pretrain_base
                   "student": "distill.json"}
 
 
-def headline_metrics(knn: Mapping[str, Mapping[str, Any]], linear: Mapping[str, Mapping[str, Any]],
-                     paired: Mapping[str, Mapping[str, Mapping[str, Any]]],
-                     seconds: Mapping[str, float]) -> dict[str, Any]:
-    """`metrics/headline.json`, the scalars that runs are compared by, beside `summary.json`'s
-    test accuracies (the two files `dvc metrics show` and `dvc exp show` list; the stages'
-    detailed metrics are plain outputs): `{"holdout": {model: {"knn_top1", "linear_top1"}},
-    "seed_vs_baseline": {protocol: {"difference", "p_value"}}, "train_seconds": {model}}`.
-    Holdout accuracies chose each model's kNN (k, T) and linear lr, so they rank runs; the
-    paired test is on the test split. Rounded to what they resolve: accuracies and differences
-    to 0.01 points, p to 3 significant digits, seconds to 0.1 s."""
-    holdout = {m: {f"{kind}_top1": round(float(metrics[m]["holdout"]["top1"]), 2)
-                   for kind, metrics in (("knn", knn), ("linear", linear))} for m in MODELS}
-    tests = {protocol: {
-        "difference": round(float(pairs["student_vs_baseline"]["difference"]), 2),
-        "p_value": float(f"{float(pairs['student_vs_baseline']['p_value']):.3g}")}
-        for protocol, pairs in paired.items() if "student_vs_baseline" in pairs}
-    train = {m: round(float(seconds[name]), 1) for m, name in TRAINING_FILES.items()
-             if name in seconds}
-    return {"holdout": holdout, "seed_vs_baseline": tests, "train_seconds": train}
+# `metrics/headline/<row>.json`: the files `dvc metrics show` lists, one table row each
+HEADLINE_DIR = "headline"
+GAIN_ROW = "seed_minus_baseline"
+
+
+def headline_rows(knn: Mapping[str, Mapping[str, Any]], linear: Mapping[str, Mapping[str, Any]],
+                  paired: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                  seconds: Mapping[str, float]) -> dict[str, dict[str, Any]]:
+    """The scalars that runs are compared by, one row per file of `metrics/headline/`.
+    Per model (teacher, baseline, student): `knn` and `linear`, test-split top-1;
+    `knn_holdout` and `linear_holdout`, the holdout top-1 that chose its kNN (k, T) and linear
+    lr, and so what ranks runs; `train_s`, its training seconds. `seed_minus_baseline`: `knn`
+    and `linear`, SEED − baseline in points on the test split, and `knn_p`, `linear_p`,
+    McNemar's p as text (`2.6e-263`, `< 1e-300`), since `dvc metrics show` prints numbers to 5
+    decimals and would print 0.0. The rows share column names, so the table DVC prints is 7
+    columns wide (one file per row, the union of keys as columns). Rounded to what they
+    resolve: accuracies and differences to 0.01 points, seconds to 0.1 s."""
+    rows: dict[str, dict[str, Any]] = {}
+    for model in MODELS:
+        row: dict[str, Any] = {}
+        for kind, metrics in (("knn", knn), ("linear", linear)):
+            row[kind] = round(float(metrics[model]["test"]["top1"]), 2)
+            row[f"{kind}_holdout"] = round(float(metrics[model]["holdout"]["top1"]), 2)
+        if TRAINING_FILES[model] in seconds:
+            row["train_s"] = round(float(seconds[TRAINING_FILES[model]]), 1)
+        rows[model] = row
+    gain: dict[str, Any] = {}
+    for protocol, pairs in paired.items():
+        if "student_vs_baseline" in pairs:
+            test = pairs["student_vs_baseline"]
+            gain[protocol] = round(float(test["difference"]), 2)
+            gain[f"{protocol}_p"] = p_label(float(test["p_value"]))
+    rows[GAIN_ROW] = gain
+    return rows
+
+
+def p_of_label(label: str | float) -> float:
+    """`p_label`'s text back as a number (`< 1e-300` as 0.0, which `p_label` prints the same)."""
+    if isinstance(label, (int, float)):
+        return float(label)
+    return 0.0 if label.strip().startswith("<") else float(label)
 
 
 def method_label(meta: Mapping[str, Any]) -> str:
