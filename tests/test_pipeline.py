@@ -435,7 +435,8 @@ def test_same_params_and_seed_give_identical_metrics(repo: Repo) -> None:
     # pipeline.json is about the wall clock only (which stages ran in one repro, and when)
     metrics = sorted(p for p in (repo.path / "metrics").rglob("*.json")
                      if p.name != "pipeline.json")
-    before = {p.name: without_timing(json.loads(p.read_text())) for p in metrics}
+    before = {str(p.relative_to(repo.path)): without_timing(json.loads(p.read_text()))
+              for p in metrics}
     files_before = _weights_and_features(repo.path)
     assert len(files_before) >= 6
     warm_dir = tempfile.mkdtemp(prefix="warm", dir="/tmp")
@@ -454,7 +455,8 @@ def test_same_params_and_seed_give_identical_metrics(repo: Repo) -> None:
     # the first stages start cold while the server imports; every later one is forked
     assert {"distill", "pretrain", "knn", "linear", "features", "report"} <= set(handed_over)
     assert len(handed_over) >= 10  # of 18
-    after = {p.name: without_timing(json.loads(p.read_text())) for p in metrics}
+    after = {str(p.relative_to(repo.path)): without_timing(json.loads(p.read_text()))
+             for p in metrics}
     assert after == before
     assert _weights_and_features(repo.path) == files_before
 
