@@ -229,7 +229,7 @@ def test_mlflow_server_has_runs_params_and_metrics(repo: Repo, mlflow_server: st
     assert all(re.fullmatch(r"[0-9a-f]{40}", tags(r)["git_commit"]) for r in children)
     distill = next(r for r in children if tags(r)["dvc_stage"] == "distill")
     history = _get(f"{mlflow_server}/api/2.0/mlflow/metrics/get-history?run_id="
-                   f"{distill['info']['run_id']}&metric_key=loss")["metrics"]
+                   f"{distill['info']['run_id']}&metric_key=train%2Floss")["metrics"]
     assert len(history) >= 1
     model = _get(f"{mlflow_server}/api/2.0/mlflow/registered-models/get?name=seed-student")
     assert model["registered_model"]["name"] == "seed-student"

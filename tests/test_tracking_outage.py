@@ -277,12 +277,11 @@ def test_server_killed_mid_stage(work: Path, server: Server) -> None:
         stage = StageProcess(pretrain_cmd(work, "killed_server"), stage_env(server.url), work)
         run_id = stage.wait_for(r"MLflow: run (\w+) \(parent").group(1)
         deadline = time.time() + 60
-        while not server.get(f"metrics/get-history?run_id={run_id}&metric_key=loss").get(
-                "metrics"):
+        loss = f"metrics/get-history?run_id={run_id}&metric_key=train%2Floss"  # train/loss
+        while not server.get(loss).get("metrics"):
             assert time.time() < deadline, "no loss value reached the server"
             time.sleep(0.05)
-        logged = len(server.get(f"metrics/get-history?run_id={run_id}&metric_key=loss")
-                     ["metrics"])
+        logged = len(server.get(loss)["metrics"])
     finally:
         server.kill()
     killed_at = time.perf_counter()
