@@ -353,7 +353,7 @@ def warm_sentence(bench: Mapping[str, Any]) -> list[str]:
         return []
     floors, warm = bench["floors_s"], bench["warm_floors_s"]
     stages = len(bench["stages"])
-    store = floors["torch + mlflow store"] - floors["import torch"]
+    store = mlflow_store_seconds(floors)
     return ["", f"Started warm (`SEED_WARM_START=1`, which `make demo`, `make smoke` and `make "
                 f"reproduce` set: `seed_core/warm.py` hands the script to a process forked from "
                 f"a server that has imported torch, timm and MLflow), an empty script takes "
@@ -381,13 +381,18 @@ def exit_sentence(bench: Mapping[str, Any]) -> list[str]:
                 f"{stages} × {saved:.2f} = {stages * saved:.1f} s less between the stages."]
 
 
+def mlflow_store_seconds(floors: Mapping[str, float]) -> float:
+    """What importing MLflow and opening its store adds to a process that imported torch."""
+    return floors["torch + mlflow store"] - floors["import torch"]
+
+
 def mlflow_store_sentence(bench: Mapping[str, Any]) -> list[str]:
     """What MLflow adds to the start-up above: every stage of the demo is tracked (params.yaml
     exists), and each imports MLflow and opens its store when its tracking starts."""
     floors = bench["floors_s"]
     if "torch + mlflow store" not in floors:  # runs before the floor existed
         return []
-    store = floors["torch + mlflow store"] - floors["import torch"]
+    store = mlflow_store_seconds(floors)
     stages = len(bench["stages"])
     return ["", f"Every stage of the demo is tracked: when its tracking starts it imports MLflow "
                 f"and opens the SQLite store, {store:.2f} s after torch (`torch + mlflow store` "
