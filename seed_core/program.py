@@ -47,6 +47,17 @@ def started_at_of(value: str | None, pid: int) -> float | None:
         return None
 
 
+def start_ticks(pid: int | str = "self") -> str:
+    """Field 22 of `/proc/<pid>/stat`: when the process started, in clock ticks since boot
+    (Linux); "" where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()  # the name before ")" may hold spaces
+        return fields[19]
+    except (OSError, IndexError):
+        return ""
+
+
 def process_started_at() -> float:
     """When this process's command started (Unix time): the hand-over's start for a stage that
     `seed_core.warm` forked, else from /proc on Linux (10 ms ticks since boot, so interpreter
@@ -55,11 +66,9 @@ def process_started_at() -> float:
     if handed_over is not None:
         return handed_over
     try:
-        with open("/proc/self/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        since_boot = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+        since_boot = int(start_ticks()) / os.sysconf("SC_CLK_TCK")
         uptime = time.clock_gettime(time.CLOCK_BOOTTIME)
-    except (OSError, ValueError, IndexError, AttributeError):
+    except (OSError, ValueError, AttributeError):
         return _IMPORTED_AT
     return time.time() - (uptime - since_boot)
 

@@ -24,6 +24,8 @@ from seed_core.program import process_started_at
 from seed_core.tracking import NullTracker, Tracker, start_tracking
 
 EXIT_USER_ERROR = 1
+
+
 def run_times() -> dict[str, float]:
     """`started_at` (the process's start) and `finished_at` (now), Unix seconds, for a stage's
     metrics: the report adds the gaps between stages up into DVC's and start-up overhead."""

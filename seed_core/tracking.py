@@ -33,6 +33,7 @@ import yaml
 
 from seed_core.config import flatten, parse_params
 from seed_core.io import repo_root
+from seed_core.program import start_ticks
 
 log = logging.getLogger(__name__)
 
@@ -232,19 +233,10 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _process_start(pid: int) -> str:
-    """Start time of `pid` in clock ticks since boot (Linux); "" where /proc cannot tell."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before ")" may hold spaces
-
-
 def process_tag(pid: int | None = None) -> str:
     """`host:pid:start` of a process: the start time tells a reused pid apart."""
     pid = os.getpid() if pid is None else pid
-    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}"
+    return f"{socket.gethostname()}:{pid}:{start_ticks(pid)}"
 
 
 def process_alive(tag: str) -> bool | None:
@@ -261,7 +253,7 @@ def process_alive(tag: str) -> bool | None:
         return False
     except PermissionError:
         pass  # it exists, owned by someone else
-    return not start or _process_start(pid) == start
+    return not start or start_ticks(pid) == start
 
 
 def failure_reason(err: BaseException) -> str:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from seed_core import program
 from seed_core.program import exit_status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,3 +109,23 @@ def test_every_stage_script_ends_through_program_run() -> None:
     for script in scripts:
         assert script.read_text().rstrip().endswith(
             'if __name__ == "__main__":\n    program.run(main)'), script
+
+
+def test_start_ticks_reads_past_a_process_name_with_spaces_and_parentheses(tmp_path) -> None:
+    odd = tmp_path / "a) 1 2 (b"  # the name /proc/<pid>/stat shows in parentheses
+    odd.symlink_to("/bin/sleep")
+    child = subprocess.Popen([str(odd), "30"])
+    try:
+        with open(f"/proc/{child.pid}/stat") as stat:
+            assert stat.read().startswith(f"{child.pid} (a) 1 2 (b) ")
+        ours, theirs = program.start_ticks(), program.start_ticks(child.pid)
+        assert ours == program.start_ticks(os.getpid()) and ours.isdigit()
+        assert theirs.isdigit() and int(theirs) >= int(ours)  # started after this process
+        # the same clock as the start time a stage records
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME) - int(theirs) / os.sysconf(
+            "SC_CLK_TCK")
+        assert 0 <= since_boot < 5
+    finally:
+        child.kill()
+        child.wait()
+    assert program.start_ticks(child.pid) == ""  # reaped: /proc cannot tell

@@ -31,6 +31,7 @@ Both loaders raise the process's open-file limit (`raise_open_file_limit`), and 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -268,7 +269,7 @@ class Loader(DataLoader):
             n += 1
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def _ignore_stop_signals() -> None:
     """A training loader's worker outlives SIGTERM and SIGUSR1: SLURM sends them to every process
     of a job, and the rank that owns the worker stops at its next step boundary with a checkpoint
     (`seed_core.train.stop`); a worker that died first would fail that rank's next batch. The
@@ -277,6 +278,37 @@ def _ignore_stop_signals(worker_id: int) -> None:
     default."""
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+
+
+def _exit_on_unsent_batch(error: Exception, obj: Any) -> None:
+    """The worker's batch could not be sent: end the worker, so that its rank fails at once.
+
+    A worker hands a batch to a background thread of its multiprocessing queue, which pickles it:
+    torch moves each tensor's storage to shared memory and passes it as a file descriptor, so a
+    worker out of open files fails there (EMFILE), after it has delivered the batch as far as it
+    can tell. The stdlib's feeder prints such an error and drops the batch; the rank would then
+    wait for the loader's timeout (10 min) and blame a stuck worker. A worker that exits instead
+    is reported by torch's SIGCHLD handler in the rank at once ("exited unexpectedly")."""
+    import os
+    import sys
+    import traceback
+
+    traceback.print_exception(error, file=sys.stderr)
+    print(f"loader worker could not send a batch to its rank ({type(error).__name__}: {error}); "
+          "out of open files, raise the limit (`ulimit -n`, or the scheduler's), or use fewer "
+          "loader workers", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def _init_worker(outlive_stop_signals: bool, worker_id: int) -> None:
+    """Every loader worker: a batch it cannot send ends it (`_exit_on_unsent_batch`); a training
+    loader's worker outlives the stop signals (`_ignore_stop_signals`)."""
+    import multiprocessing.queues
+
+    # the worker is its own process: the queue class is patched there only
+    multiprocessing.queues.Queue._on_queue_feeder_error = staticmethod(_exit_on_unsent_batch)
+    if outlive_stop_signals:
+        _ignore_stop_signals()
 
 
 def _data_loader(dataset: Dataset, sampler: Sampler, collate: Callable, workers: int,
@@ -289,7 +321,7 @@ def _data_loader(dataset: Dataset, sampler: Sampler, collate: Callable, workers:
                   generator=torch.Generator().manual_seed(0),
                   pin_memory=torch.cuda.is_available(),
                   timeout=timeout if workers else 0, waiting=waiting,
-                  worker_init_fn=_ignore_stop_signals if outlive_stop_signals else None)
+                  worker_init_fn=functools.partial(_init_worker, outlive_stop_signals))
 
 
 def training_batches(shards: ShardSet, transform: Transform, batch_size: int, *, seed: int,
