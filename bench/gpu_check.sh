@@ -16,16 +16,20 @@
 #   5. a summary JSON (last line of the output; everything is also kept in --workdir).
 #
 # The machine's Python is expected to have torch, torchvision, timm and safetensors. What else the
-# check imports (webdataset, braceexpand, PyYAML, numpy, Pillow, tqdm) is installed from --wheels
-# when missing, into --workdir/pydeps (the machine's own site-packages are left alone). Fill the
-# folder on a machine with internet access, for the GPU machine's Python version, e.g. 3.11:
+# check imports (webdataset, braceexpand, PyYAML, numpy, Pillow, OpenCV, tqdm) is installed from
+# --wheels when missing, into --workdir/pydeps (the machine's own site-packages are left alone).
+# Fill the folder on a machine with internet access, for the GPU machine's Python version, e.g.
+# 3.11:
 #
 #   pip download --only-binary=:all: --no-deps --python-version 3.11 \
-#       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d wheels \
-#       webdataset==1.0.2 braceexpand PyYAML==6.0.4 numpy==2.4.6 pillow==13.0.0 tqdm==4.70.1
+#       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+#       --platform manylinux_2_28_x86_64 -d wheels \
+#       webdataset==1.0.2 braceexpand PyYAML==6.0.4 numpy==2.4.6 pillow==13.0.0 tqdm==4.70.1 \
+#       opencv-python-headless==5.1.0.95
 #
-# (or `pip download -d wheels webdataset braceexpand PyYAML numpy pillow tqdm` on a machine with
-# the same Python and platform). Then, on the GPU machine:
+# (or `pip download -d wheels webdataset braceexpand PyYAML numpy pillow tqdm
+# opencv-python-headless` on a machine with the same Python and platform). Then, on the GPU
+# machine:
 #
 #   bash bench/gpu_check.sh --wheels wheels
 #
@@ -70,7 +74,7 @@ say() { echo "[gpu_check $((SECONDS - started))s] $*" >&2; }
 
 # ---------------------------------------------------------------- 1. packages
 MODULES="webdataset:webdataset braceexpand:braceexpand yaml:PyYAML numpy:numpy PIL:pillow
-         tqdm:tqdm torch:torch timm:timm safetensors:safetensors"
+         cv2:opencv-python-headless tqdm:tqdm torch:torch timm:timm safetensors:safetensors"
 # one interpreter tries every import (each start costs seconds) and prints the missing packages
 # shellcheck disable=SC2086
 read -r -a missing <<< "$("$PYTHON" - $MODULES <<'PY'

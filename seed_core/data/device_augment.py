@@ -4,8 +4,8 @@ On a GPU the CPU view can stop after the crop and the flip (`View.geometry`): th
 as uint8 with each sample's colour uniforms (drawn in the loader worker from the sample's seed,
 so that elastic determinism holds), and `apply_colour` runs jitter, grayscale and blur for the
 whole batch on float in [0, 1]. Per sample it applies the same ops with the same
-parameters and in the same order as the CPU view; it differs only by the CPU's rounding to
-uint8 between ops and PIL's approximations (HSV in uint8, the box-approximated blur):
+parameters and in the same order as the CPU view, the blur on the same +-3 sigma taps; it
+differs only by the CPU's rounding to uint8 between ops and OpenCV's HSV in uint8:
 `tests/test_device_augment.py` holds it to the CPU ops within stated tolerances.
 
 Wired in by `data.colour_on` (`auto`: on CUDA): the stages' transforms become
@@ -113,7 +113,8 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) ->
 
 
 def gaussian_blur(x: torch.Tensor, kernel: int, sigma: torch.Tensor) -> torch.Tensor:
-    """Per-sample Gaussian of `sigma` `(B,)` truncated to `kernel` taps, reflect padding
+    """Per-sample Gaussian of `sigma` `(B,)` on `transforms.blur_taps` taps (zero-padded to
+    `kernel`, one convolution for the batch), reflect padding
     (torchvision's `gaussian_blur`), as two grouped 1-D convolutions."""
     b, c, h, w = x.shape
     pad = kernel // 2
