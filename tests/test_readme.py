@@ -134,6 +134,36 @@ def test_reproduce_table_appears_when_reproduce_json_exists(repo: Path) -> None:
     assert done.returncode == 2 and "lists of different lengths [1, 3]" in done.stderr
 
 
+def test_the_reproduce_goals_are_stated_with_their_verdicts_and_numbers(repo: Path) -> None:
+    goals = {"seed_beats_baseline_significantly_every_seed": False,
+             "mean_gain": {"knn_top1": 20.3133, "linear_top1": 19.88}, "mean_gain_goal": 5.0,
+             "mean_gain_met": True, "teacher_beats_every_student_significantly": True,
+             "smallest_student": "test_resnet", "smallest_params_millions": 0.373,
+             "seed_vs_baseline_runs": {"knn_top1": {"better": 8, "worse": 1, "runs": 9},
+                                       "linear_top1": {"better": 9, "worse": 0, "runs": 9}},
+             "smallest_recovers": {"knn_top1": 0.4547, "linear_top1": None},
+             "smallest_recovers_95ci_over_seeds": {"knn_top1": [0.0082, 0.8513],
+                                                   "linear_top1": None},
+             "recovery_goal": 0.75, "recovery_met": False}
+    reproduce = {"seconds": 3300.0,
+                 "teacher": {"arch": "resnet18d", "knn_top1": 79.0, "linear_top1": 82.5},
+                 "students": {"test_resnet": {
+                     "seed": {"knn_top1": [80.0], "linear_top1": [83.0]},
+                     "baseline": {"knn_top1": [79.0], "linear_top1": [82.0]}}},
+                 "goals": goals}
+    (repo / "metrics" / "reproduce.json").write_text(json.dumps(reproduce))
+    section = results_section(repo / "metrics")
+    assert ("every seed's SEED student significantly above that seed's baseline: **missed** "
+            "(kNN 8 of 9 runs significantly better, 1 worse; linear 9 of 9 runs significantly "
+            "better, 0 worse); mean gain ≥ 5 points: met (kNN +20.31, linear +19.88); the "
+            "teacher significantly above every SEED student on every seed: met; the smallest "
+            "student (test_resnet, 0.373 M parameters) recovers ≥ 75% of the gap: **missed** "
+            "(kNN 45% [1, 85], linear –;") in section
+    del reproduce["goals"]  # older files: the table without the sentence
+    (repo / "metrics" / "reproduce.json").write_text(json.dumps(reproduce))
+    assert "Goals, as" not in results_section(repo / "metrics")
+
+
 def test_changed_metrics_make_the_check_fail(repo: Path) -> None:
     readme = repo / "README.md"
     assert main([str(readme)]) == 0

@@ -6,8 +6,9 @@
 The section is everything between the lines `<!-- results: begin -->` and
 `<!-- results: end -->`. It is built from the pipeline's metrics files (`summary.json`, the kNN
 and linear metrics, `paired.json`, the stages' `seconds`) and, when `metrics/reproduce.json`
-exists (`make reproduce`), the students' table over seeds. The same metrics always give the same
-text, so `--check` can guard the README in a test.
+exists (`make reproduce`), the students' table over seeds and the goals it was judged against,
+with their verdicts. The same metrics always give the same text, so `--check` can guard the
+README in a test.
 """
 
 from __future__ import annotations
@@ -117,7 +118,46 @@ def results_section(metrics_dir: str | Path) -> str:
                   f"the gain by the teacher − baseline gap of the means), paired tests per seed "
                   f"(that seed's SEED student against that seed's baseline):", "",
                   seeds_table(reproduce), ""]
+        if "goals" in reproduce:
+            parts += [goals_sentence(reproduce["goals"]), ""]
     return "\n".join(parts)
+
+
+METRIC_NAMES = {"knn_top1": "kNN", "linear_top1": "linear"}
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "**missed**"
+
+
+def goals_sentence(goals: Mapping[str, Any]) -> str:
+    """The goals `stages/reproduce.py` judged (`metrics/reproduce.json`'s `goals`), each with
+    its verdict and the numbers it was judged on, so a missed goal reads as one."""
+    runs = goals["seed_vs_baseline_runs"]
+    tested = "; ".join(f"{METRIC_NAMES[m]} {runs[m]['better']} of {runs[m]['runs']} runs "
+                       f"significantly better, {runs[m]['worse']} worse" for m in runs)
+    gains = ", ".join(f"{METRIC_NAMES[m]} {g:+.2f}" for m, g in goals["mean_gain"].items())
+
+    def recovery(metric: str) -> str:
+        value = goals["smallest_recovers"][metric]
+        interval = goals["smallest_recovers_95ci_over_seeds"].get(metric)
+        text = "–" if value is None else f"{100 * value:.0f}%"
+        if interval:
+            text += f" [{100 * interval[0]:.0f}, {100 * interval[1]:.0f}]"
+        return f"{METRIC_NAMES[metric]} {text}"
+
+    recoveries = ", ".join(recovery(m) for m in goals["smallest_recovers"])
+    return (f"Goals, as `stages/reproduce.py` judged them: every seed's SEED student "
+            f"significantly above that seed's baseline: "
+            f"{_verdict(goals['seed_beats_baseline_significantly_every_seed'])} ({tested}); "
+            f"mean gain ≥ {goals['mean_gain_goal']:g} points: "
+            f"{_verdict(goals['mean_gain_met'])} ({gains}); the teacher significantly above "
+            f"every SEED student on every seed: "
+            f"{_verdict(goals['teacher_beats_every_student_significantly'])}; the smallest "
+            f"student ({goals['smallest_student']}, {goals['smallest_params_millions']:g} M "
+            f"parameters) recovers ≥ {100 * goals['recovery_goal']:.0f}% of the gap: "
+            f"{_verdict(goals['recovery_met'])} ({recoveries}; of the seed means, in brackets "
+            f"the 95% t-interval over seeds).")
 
 
 def splice(readme_text: str, section: str, where: str) -> str:
