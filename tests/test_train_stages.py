@@ -82,8 +82,9 @@ def command(setup: dict, stage: str, name: str, nproc: int = 1, shards: str | No
             str(out / "model"), *common]
 
 
-def run(cmd: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], timeout: int = 240, threads: int = 1) -> subprocess.CompletedProcess:
+    env = {**ENV, "SEED_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-4000:]
     return done
 
@@ -150,10 +151,28 @@ def test_outputs_are_canonical_with_curves_and_metrics(setup, reference) -> None
         "moco_v2"
 
 
-@pytest.mark.parametrize("stage", ["distill", "pretrain"])
-def test_two_processes_equal_one(setup, reference, stage) -> None:
-    run(command(setup, stage, f"{stage}-two", nproc=2))
-    assert_same_training(outputs(setup, f"{stage}-two"), reference[stage], exact=False)
+def test_two_processes_equal_one_distilling(setup, reference) -> None:
+    run(command(setup, "distill", "distill-two", nproc=2))
+    assert_same_training(outputs(setup, "distill-two"), reference["distill"], exact=False)
+
+
+def test_two_processes_train_moco_as_one_up_to_its_rounding_noise(setup, reference) -> None:
+    """MoCo on 16-px images, with 8 shuffled keys per BatchNorm group, is chaotic: another
+    summation order's rounding grows over its 16 steps (measured: 2 processes ended 7e-4 of
+    the weights' norm from 1, 2 compute threads 3.9e-3; before a change of augmentation pixels
+    2 processes were 8e-5 apart). So the weights of 2 processes are held to what 2 compute
+    threads on one process give (another summation order, nothing else): at most 5 times that
+    distance, or 1e-4. The curve's first
+    row and the steps agree to fp32 rounding; a rank that trained on other samples or missed
+    the other's gradients is orders of magnitude further."""
+    run(command(setup, "pretrain", "pretrain-two", nproc=2))
+    run(command(setup, "pretrain", "pretrain-threads"), threads=2)
+    (two, rows_two), (one, rows_one) = outputs(setup, "pretrain-two"), reference["pretrain"]
+    threads = outputs(setup, "pretrain-threads")[0]
+    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one]
+    assert float(rows_two[0]["loss"]) == pytest.approx(float(rows_one[0]["loss"]), rel=1e-5)
+    apart, noise = relative_distance(two, one), relative_distance(threads, one)
+    assert apart <= max(5 * noise, 1e-4), (apart, noise)
 
 
 # The default pipeline's networks (issue 15): a MobileNetV3 student and baseline, whose timm
@@ -187,9 +206,10 @@ def relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
                                           ("distill", None)])
 def test_the_default_networks_train_alike_on_one_and_two_processes(default_networks, stage,
                                                                    target) -> None:
-    """Same initial weights, same global batches: the first losses agree to fp32 rounding, and
-    the final weights are no further apart than rounding makes them. Before the BatchNormAct2d
-    fix the MobileNet's step-1 loss was 1.31 on 2 processes against 0.79 on 1 (no activations).
+    """Same initial weights, same global batches: the first loss agrees to fp32 rounding, and
+    the second loss and the final weights are no further apart than rounding makes them. Before
+    the BatchNormAct2d fix the MobileNet's step-1 loss was 1.31 on 2 processes against 0.79 on 1
+    (no activations).
 
     MoCo on 32-px images with 16 keys per BatchNorm group is chaotic: one process with 2 compute
     threads instead of 1 (another summation order, nothing else) moved the baseline's step-3
@@ -208,7 +228,10 @@ def test_the_default_networks_train_alike_on_one_and_two_processes(default_netwo
         assert done.returncode == 0, done.stderr[-4000:]
         runs[label] = outputs(default_networks, f"{name}-{label}")
     first = {label: [float(r["loss"]) for r in rows[:2]] for label, (_, rows) in runs.items()}
-    assert first["two"] == pytest.approx(first["one"], rel=1e-5), first
+    # the second loss follows one update, whose rounding MoCo already amplifies: held, like the
+    # weights, to the thread-count run's distance (measured: 1.4e-4 for both)
+    for one, two, threads in zip(first["one"], first["two"], first["threads"]):
+        assert abs(two - one) <= max(5 * abs(threads - one), 1e-5 * abs(one)), first
     apart = relative_distance(runs["two"][0], runs["one"][0])
     noise = relative_distance(runs["threads"][0], runs["one"][0])
     assert apart <= max(5 * noise, 1e-4), (apart, noise)
